@@ -1,0 +1,51 @@
+"""Data-free drop-ins for NNCF users: a calibration_dataset and an ``nncf.quantize`` twin."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dfq_plugins.spec import InputSpec
+
+from .toolchain import configure_extension_build, needs_wrapping, _CallWrapper
+
+
+def calibration_dataset(model: nn.Module, source: str | dict[str, Any] = "zeroq", *, input_spec: InputSpec,
+                        num_samples: int = 256, batch_size: int = 32, seed: int = 0, cache: bool = True,
+                        progress: bool = True) -> Any:
+    """An ``nncf.Dataset`` of synthetic batches for ``model``: pass it where real data would go."""
+    from dfq_plugins.api import synthesize
+
+    cs = synthesize(model, source, input_spec=input_spec, num_samples=num_samples, batch_size=batch_size,
+                    seed=seed, cache=cache, progress=progress)
+    return cs.as_nncf()
+
+
+def quantize(model: nn.Module, calibration_dataset: Any = None, *, source: str | dict[str, Any] | None = None,
+             input_spec: InputSpec | None = None, num_samples: int = 256, batch_size: int = 32, seed: int = 0,
+             **nncf_kwargs: Any) -> nn.Module:
+    """``nncf.quantize`` with a data-free option.
+
+    Takes ``nncf.quantize``'s own keyword arguments. Give either ``calibration_dataset`` (real
+    data, unchanged behaviour) or ``source`` (a synthesizer name or ``{"name": ..., **config}``)
+    plus the model's ``input_spec``. ``subset_size`` defaults to the whole synthetic set.
+    """
+    configure_extension_build()
+    import nncf
+
+    if (calibration_dataset is None) == (source is None):
+        raise ValueError("give exactly one of calibration_dataset (real data) or source (data-free)")
+    if source is not None:
+        if input_spec is None:
+            raise ValueError("a data-free source needs input_spec=InputSpec(shape, mean, std, num_classes): "
+                             "the input normalisation cannot be guessed from the model")
+        calibration_dataset = calibration_dataset_for(model, source, input_spec, num_samples, batch_size, seed)
+        nncf_kwargs.setdefault("subset_size", -(-num_samples // batch_size))
+    if needs_wrapping(model):
+        model = _CallWrapper(model)
+    return nncf.quantize(model, calibration_dataset, **nncf_kwargs)
+
+
+def calibration_dataset_for(model, source, input_spec, num_samples, batch_size, seed):
+    return calibration_dataset(model, source, input_spec=input_spec, num_samples=num_samples,
+                               batch_size=batch_size, seed=seed)

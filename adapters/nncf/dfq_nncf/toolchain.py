@@ -1,0 +1,125 @@
+"""NNCF post-training quantization (Torch backend) driven by a CalibrationSet."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dfq_plugins.data import CalibrationSet
+from dfq_plugins.errors import UnsupportedSchemeError
+from dfq_plugins.scheme import QuantScheme
+from dfq_plugins.toolchain import Toolchain, private_copy
+
+
+def configure_extension_build() -> None:
+    """NNCF JIT-builds a C++ extension (~60 s on 2 cores, past its 60 s default timeout)."""
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dfq_plugins" / "torch_extensions"))
+
+
+class _CallWrapper(nn.Module):
+    """NNCF adds a ``__nncf_hooks`` child; ``nn.Sequential.forward`` would call it as a layer."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+def needs_wrapping(model: nn.Module) -> bool:
+    return isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def advanced_parameters_for(scheme: QuantScheme, **overrides: Any) -> Any:
+    """``AdvancedQuantizationParameters`` carrying the scheme's bits, modes and granularity."""
+    from nncf import AdvancedQuantizationParameters
+    from nncf.common.quantization.structs import QuantizationScheme as QuantizationMode
+    from nncf.quantization.advanced_parameters import QuantizationParameters
+
+    sym, asym = QuantizationMode.SYMMETRIC, QuantizationMode.ASYMMETRIC
+    weights = QuantizationParameters(num_bits=scheme.weight_bits, mode=sym if scheme.weight_symmetric else asym,
+                                     per_channel=scheme.weight_per_channel)
+    acts = QuantizationParameters(num_bits=scheme.act_bits, mode=sym if scheme.act_symmetric else asym,
+                                  per_channel=False)
+    return AdvancedQuantizationParameters(weights_quantization_params=weights,
+                                          activations_quantization_params=acts, **overrides)
+
+
+@dataclass
+class _Pending:
+    model: nn.Module
+    scheme: QuantScheme
+    trainable: bool
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class NNCFToolchain(Toolchain):
+    """``nncf.quantize`` on the Torch backend. Extra keyword arguments go to ``nncf.quantize``
+    (``preset``, ``fast_bias_correction``, ``ignored_scope``, ...)."""
+
+    name = "nncf"
+
+    def __init__(self, **quantize_kwargs: Any) -> None:
+        self.quantize_kwargs = quantize_kwargs
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        if scheme.act_bits not in (4, 8) or scheme.weight_bits not in (2, 4, 8):
+            raise UnsupportedSchemeError(
+                f"NNCF's hardware configs offer 8/4-bit activations and 8/4/2-bit weights, not {scheme.name}"
+            )
+        if scheme.weight_bits < 8 and not scheme.weight_symmetric:
+            raise UnsupportedSchemeError("NNCF offers only symmetric weights below 8 bits; set weight_symmetric=true")
+        if scheme.act_bits < 8 and not scheme.act_symmetric:
+            raise UnsupportedSchemeError(
+                f"NNCF offers only symmetric activations below 8 bits (its NPU config), but {scheme.name} asks for "
+                "affine ones. Use the scheme with act_symmetric=true (e.g. 'w4a4-symact': unsigned after ReLU, "
+                "so the same grid for ReLU outputs), or toolchain torch-ao-fx / torchao-pt2e"
+            )
+        if scheme.has_overrides:
+            raise UnsupportedSchemeError(
+                "nncf.quantize cannot give the first/last layer other bit-widths than the rest; use "
+                "toolchain torch-ao-fx or torchao-pt2e, or keep them at the scheme's bits "
+                "(or exclude them with ignored_scope to leave them in float)"
+            )
+
+    def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
+                trainable: bool = False) -> _Pending:
+        self.check_scheme(scheme)
+        m = private_copy(model, trainable=False)
+        if needs_wrapping(m):
+            m = _CallWrapper(m)
+        return _Pending(m, scheme, trainable, dict(self.quantize_kwargs))
+
+    def calibrate(self, prepared: _Pending, calibration_set: CalibrationSet) -> nn.Module:
+        configure_extension_build()
+        import nncf
+
+        kwargs = dict(prepared.kwargs)
+        kwargs.setdefault("subset_size", len(calibration_set))
+        kwargs.setdefault("advanced_parameters", advanced_parameters_for(prepared.scheme))
+        if min(prepared.scheme.weight_bits, prepared.scheme.act_bits) < 8:
+            kwargs.setdefault("target_device", nncf.TargetDevice.NPU)  # the HW config that allows 4-bit
+        try:
+            quantized = nncf.quantize(prepared.model, calibration_set.as_nncf(), **kwargs)
+        except ValueError as exc:
+            if "incompatible" not in str(exc):
+                raise
+            raise UnsupportedSchemeError(
+                f"NNCF cannot place {prepared.scheme.name} on this model: {' '.join(str(exc).split())}. "
+                "Some operations (pooling, element-wise) only have 8-bit activations in NNCF's hardware "
+                "configs; exclude them with ignored_scope, or use toolchain torch-ao-fx / torchao-pt2e"
+            ) from exc
+        if prepared.trainable:
+            quantized.train()
+            for p in quantized.parameters():
+                p.requires_grad_(True)
+        return quantized
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        """NNCF's quantized Torch model is already its deployable form (fake-quant, exportable)."""
+        return prepared.eval()

@@ -1,0 +1,97 @@
+"""torch.ao FX graph-mode quantization (prepare_fx / prepare_qat_fx / convert_fx)."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfq_plugins.data import CalibrationSet
+from dfq_plugins.errors import UnsupportedSchemeError, UntraceableModelError
+from dfq_plugins.scheme import QuantScheme
+from dfq_plugins.toolchain import Toolchain, first_and_last_layers, private_copy, run_calibration
+
+TRACEABLE_ELSEWHERE = "torchao-pt2e (torch.export) and nncf"
+
+
+def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.fake_quantize import FakeQuantize
+    from torch.ao.quantization.observer import (
+        MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+
+    aqmin, aqmax = scheme.act_range(abits)
+    wqmin, wqmax = scheme.weight_range(wbits)
+    act_kw = dict(
+        dtype=torch.qint8 if scheme.act_symmetric else torch.quint8,
+        qscheme=torch.per_tensor_symmetric if scheme.act_symmetric else torch.per_tensor_affine,
+        quant_min=aqmin, quant_max=aqmax,
+    )
+    if scheme.weight_per_channel:
+        wq = torch.per_channel_symmetric if scheme.weight_symmetric else torch.per_channel_affine
+        w_obs = MovingAveragePerChannelMinMaxObserver if trainable else PerChannelMinMaxObserver
+        w_kw = dict(dtype=torch.qint8, qscheme=wq, quant_min=wqmin, quant_max=wqmax, ch_axis=0)
+    else:
+        wq = torch.per_tensor_symmetric if scheme.weight_symmetric else torch.per_tensor_affine
+        w_obs = MovingAverageMinMaxObserver if trainable else MinMaxObserver
+        w_kw = dict(dtype=torch.qint8, qscheme=wq, quant_min=wqmin, quant_max=wqmax)
+    if trainable:
+        return QConfig(
+            activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw),
+            weight=FakeQuantize.with_args(observer=w_obs, **w_kw),
+        )
+    return QConfig(activation=MinMaxObserver.with_args(**act_kw), weight=w_obs.with_args(**w_kw))
+
+
+def qconfig_mapping_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False):
+    """A QConfigMapping from the scheme: MinMax observers, narrowed ranges below 8 bits."""
+    from torch.ao.quantization import QConfigMapping
+
+    mapping = QConfigMapping().set_global(_qconfig(scheme, scheme.weight_bits, scheme.act_bits, trainable))
+    first, last = first_and_last_layers(model)
+    for name, override in ((first, scheme.first_layer), (last, scheme.last_layer)):
+        if override is not None:
+            mapping.set_module_name(name, _qconfig(scheme, override.weight_bits, override.act_bits, trainable))
+    return mapping
+
+
+class FxToolchain(Toolchain):
+    """torch.ao FX: symbolic tracing, observers from the scheme, fbgemm/x86 int8 kernels."""
+
+    name = "torch-ao-fx"
+
+    def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
+                trainable: bool = False) -> Any:
+        from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+        self.check_scheme(scheme)
+        m = private_copy(model, trainable)
+        mapping = qconfig_mapping_for(m, scheme, trainable)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if trainable:
+                    return prepare_qat_fx(m, mapping, example_inputs)
+                return prepare_fx(m, mapping, example_inputs)
+            except torch.fx.proxy.TraceError as exc:
+                raise UntraceableModelError(
+                    f"torch.ao FX cannot symbolically trace {type(model).__name__} ({exc}). "
+                    f"Use toolchain {TRACEABLE_ELSEWHERE}, which capture graphs differently."
+                ) from exc
+
+    def calibrate(self, prepared: Any, calibration_set: CalibrationSet) -> Any:
+        was_training = prepared.training
+        prepared.eval()
+        run_calibration(prepared, calibration_set)
+        prepared.train(was_training)
+        return prepared
+
+    def convert(self, prepared: Any) -> nn.Module:
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_fx(prepared.eval())

@@ -1,0 +1,121 @@
+"""torchao PT2E: torch.export with a dynamic batch dim, an X86InductorQuantizer built from the scheme."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfq_plugins.data import CalibrationSet
+from dfq_plugins.errors import UntraceableModelError
+from dfq_plugins.scheme import QuantScheme
+from dfq_plugins.toolchain import Toolchain, first_and_last_layers, private_copy, run_calibration
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CPU: skip noisy CUDA .so probing
+
+
+def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, observer: str):
+    from torchao.quantization.pt2e import (
+        FakeQuantize, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+
+    aqmin, aqmax = scheme.act_range(abits)
+    wqmin, wqmax = scheme.weight_range(wbits)
+    eps = {"eps": 2**-12}
+    if trainable:
+        act_ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **eps)
+        w_obs = MovingAveragePerChannelMinMaxObserver if scheme.weight_per_channel else MovingAverageMinMaxObserver
+        w_ctr = FakeQuantize.with_args(observer=w_obs, **eps)
+    else:
+        act_ctr = (HistogramObserver if observer == "histogram" else MinMaxObserver).with_args(**eps)
+        w_ctr = (PerChannelMinMaxObserver if scheme.weight_per_channel else MinMaxObserver).with_args(**eps)
+    act = QuantizationSpec(
+        dtype=torch.int8 if scheme.act_symmetric else torch.uint8, quant_min=aqmin, quant_max=aqmax,
+        qscheme=torch.per_tensor_symmetric if scheme.act_symmetric else torch.per_tensor_affine,
+        is_dynamic=False, observer_or_fake_quant_ctr=act_ctr,
+    )
+    if scheme.weight_per_channel:
+        wq = torch.per_channel_symmetric if scheme.weight_symmetric else torch.per_channel_affine
+    else:
+        wq = torch.per_tensor_symmetric if scheme.weight_symmetric else torch.per_tensor_affine
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=wqmin, quant_max=wqmax, qscheme=wq,
+        ch_axis=0 if scheme.weight_per_channel else None, is_dynamic=False, observer_or_fake_quant_ctr=w_ctr,
+    )
+    return QuantizationConfig(act, act, weight, None, trainable)
+
+
+def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False, observer: str = "minmax"):
+    """An X86InductorQuantizer whose global and first/last-layer configs follow the scheme."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    q = X86InductorQuantizer()
+    q.set_global(_config(scheme, scheme.weight_bits, scheme.act_bits, trainable, observer))
+    first, last = first_and_last_layers(model)
+    for name, override in ((first, scheme.first_layer), (last, scheme.last_layer)):
+        if override is not None:
+            q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable,
+                                                    observer))
+    return q
+
+
+def export_dynamic_batch(model: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
+    """``torch.export`` with dimension 0 of every input dynamic, so any batch size evaluates."""
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} for _ in example_inputs)
+    try:
+        return torch.export.export(model, example_inputs, dynamic_shapes=shapes).module()
+    except Exception as exc:
+        raise UntraceableModelError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "Try toolchain nncf (eager hooks), or make forward export-friendly."
+        ) from exc
+
+
+class PT2EToolchain(Toolchain):
+    """torchao PT2E. ``observer``: ``minmax`` (default, comparable across toolchains) or ``histogram``
+    (X86InductorQuantizer's own default)."""
+
+    name = "torchao-pt2e"
+
+    def __init__(self, observer: str = "minmax") -> None:
+        if observer not in ("minmax", "histogram"):
+            raise ValueError(f"observer must be 'minmax' or 'histogram', got {observer!r}")
+        self.observer = observer
+
+    def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
+                trainable: bool = False) -> Any:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+        self.check_scheme(scheme)
+        m = private_copy(model, trainable)
+        quantizer = quantizer_for(m, scheme, trainable, self.observer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = export_dynamic_batch(m, example_inputs)
+            prepared = prepare_qat_pt2e(gm, quantizer) if trainable else prepare_pt2e(gm, quantizer)
+        if trainable:
+            for p in prepared.parameters():
+                p.requires_grad_(True)
+        return prepared
+
+    def calibrate(self, prepared: Any, calibration_set: CalibrationSet) -> Any:
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        move_exported_model_to_eval(prepared)
+        run_calibration(prepared, calibration_set)
+        return prepared
+
+    def convert(self, prepared: Any) -> nn.Module:
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert_pt2e(prepared)
+        move_exported_model_to_eval(converted)
+        return converted

@@ -1,0 +1,11 @@
+"""dfq-plugins: data-free calibration for the quantization toolchains people already use."""
+from .api import evaluate, quantize, synthesize
+from .data import CalibrationSet
+from .hookspecs import hookimpl
+from .scheme import LayerBits, QuantScheme
+from .spec import InputSpec
+from .teacher import Teacher
+
+__version__ = "0.1.0"
+__all__ = ["CalibrationSet", "InputSpec", "LayerBits", "QuantScheme", "Teacher", "evaluate", "hookimpl",
+           "quantize", "synthesize", "__version__"]

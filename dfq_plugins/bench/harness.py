@@ -1,0 +1,126 @@
+"""``dfq bench``: real vs noise vs synthetic calibration, same process, same pipeline.
+
+Records are appended to the JSON file atomically after every run, and a rerun skips the
+runs already recorded, so a long benchmark can be split across sessions.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import plugins
+from ..api import evaluate, make_synthesizer, make_toolchain, synthesize
+from ..io import atomic_write_text, short_hash
+from ..scheme import QuantScheme
+
+RECORD_FIELDS = ("model", "testset", "toolchain", "scheme", "source", "distill", "images", "steps", "seed",
+                 "top1", "fp_top1", "synth_seconds", "total_seconds", "peak_rss_mb")
+
+
+@dataclass
+class BenchPlan:
+    model: str
+    toolchains: list[str]
+    schemes: list[str]
+    sources: list[str]
+    images: int = 256
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 32
+    source_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    toolchain_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    test_limit: int | None = None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _run_key(rec: dict[str, Any]) -> str:
+    return short_hash({k: rec.get(k) for k in ("model", "testset", "toolchain", "scheme", "source", "distill",
+                                               "images", "seed", "source_config", "toolchain_config")})
+
+
+def load_records(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not a dfq bench JSON file ({exc}); move it away or pick another --json") from exc
+    return list(data.get("records", []))
+
+
+def _steps_of(config: dict[str, Any]) -> int:
+    return int(config.get("iterations", 0) or 0)
+
+
+def run_bench(plan: BenchPlan, json_path: Path | None = None,
+              log: Callable[[str], None] = print, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every (toolchain, scheme, source, seed) of the plan; return all records."""
+    entry = plugins.get("models", plan.model).obj
+    if entry.test_set is None:
+        raise ValueError(f"model {plan.model!r} registers no real test set, so it cannot be benchmarked")
+    schemes = [QuantScheme.parse(s) for s in plan.schemes]
+    chains = {t: make_toolchain({"name": t, **plan.toolchain_configs.get(t, {})}) for t in plan.toolchains}
+    for t, chain in chains.items():  # refuse impossible combinations before any work
+        for s in schemes:
+            chain.check_scheme(s)
+    model, spec = entry.load()
+    test = entry.test_set()
+    images, labels = test.images, test.labels
+    if plan.test_limit:
+        images, labels = images[: plan.test_limit], labels[: plan.test_limit]
+    pool = entry.calibration_pool() if "real" in plan.sources and entry.calibration_pool else None
+    if "real" in plan.sources and pool is None:
+        raise ValueError(f"model {plan.model!r} has no real calibration pool for source 'real'")
+
+    records = load_records(json_path)
+    done = {_run_key(r) for r in records}
+    t0 = time.perf_counter()
+    fp_top1 = evaluate(model, images, labels)
+    log(f"{plan.model}: full precision top-1 {fp_top1:.2f}% on {test.name} ({len(labels)} images, "
+        f"{time.perf_counter() - t0:.1f}s)")
+
+    for seed in plan.seeds:
+        for source in plan.sources:
+            config = dict(plan.source_configs.get(source, {}))
+            synth = make_synthesizer({"name": source, **config}, data=pool)
+            pending = []
+            for tname in plan.toolchains:
+                for scheme in schemes:
+                    rec = {"model": plan.model, "testset": test.name if not plan.test_limit else
+                           f"{test.name}[:{plan.test_limit}]", "toolchain": tname, "scheme": scheme.name,
+                           "source": source, "distill": None, "images": plan.images, "seed": seed,
+                           "source_config": synth.config_dict(), "toolchain_config":
+                           plan.toolchain_configs.get(tname, {})}
+                    if _run_key(rec) not in done:
+                        pending.append((tname, scheme, rec))
+            if not pending:
+                log(f"skip {source} seed {seed}: already in {json_path}")
+                continue
+            t_syn = time.perf_counter()
+            cs = synthesize(model, {"name": source, **config}, input_spec=spec, num_samples=plan.images,
+                            batch_size=plan.batch_size, seed=seed, data=pool, progress=progress)
+            synth_seconds = float(cs.manifest.get("synth_seconds", time.perf_counter() - t_syn))
+            for tname, scheme, rec in pending:
+                t_run = time.perf_counter()
+                q = chains[tname].quantize(model, scheme, cs)
+                top1 = evaluate(q, images, labels)
+                rec.update({"steps": _steps_of(synth.config_dict()), "top1": round(top1, 2),
+                            "fp_top1": round(fp_top1, 2), "synth_seconds": round(synth_seconds, 2),
+                            "total_seconds": round(synth_seconds + time.perf_counter() - t_run, 2),
+                            "peak_rss_mb": round(peak_rss_mb(), 1), "calibration_hash": cs.content_hash()[:16],
+                            "torch": torch.__version__})
+                records.append(rec)
+                done.add(_run_key(rec))
+                log(f"{tname:13s} {scheme.name:6s} {source:8s} seed {seed}: top-1 {top1:.2f}% "
+                    f"(fp {fp_top1:.2f}, synth {synth_seconds:.1f}s)")
+                if json_path is not None:
+                    atomic_write_text(json_path, json.dumps({"records": records}, indent=1))
+    return records

@@ -1,0 +1,198 @@
+"""``dfq``: plugins, synthesize, quantize, bench. Every flag can also come from a TOML recipe."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import plugins
+from .errors import AssetsMissingError, DFQError
+from .recipes import apply_overrides, load_recipe, split_list
+
+DEFAULTS: dict[str, Any] = {
+    "model": "cifar10-resnet20", "toolchain": "torch-ao-fx", "scheme": "w8a8", "source": "zeroq", "images": 256,
+    "seed": 0, "batch_size": 32,
+}
+
+
+def _settings(args: argparse.Namespace, keys: list[str]) -> dict[str, Any]:
+    """Recipe values, then flags given on the command line, then defaults."""
+    recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    merged = {k: v for k, v in DEFAULTS.items() if k in keys}
+    merged.update({k.replace("-", "_"): v for k, v in recipe.items()})
+    merged.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    merged["sources"] = {k: dict(v) for k, v in recipe.get("sources", {}).items()}
+    merged["toolchains"] = {k: dict(v) for k, v in recipe.get("toolchains", {}).items()}
+    apply_overrides(merged["sources"], getattr(args, "set", None) or [])
+    return merged
+
+
+def _source_arg(name: str, s: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, **s["sources"].get(name, {})}
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    rows = plugins.describe()
+    if args.json:
+        print(json.dumps({"plugins": rows, "failures": [f.__dict__ for f in plugins.failures]}, indent=2))
+        return 0
+    for row in rows:
+        regs = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(row["registers"].items())) or "(nothing)"
+        print(f"{row['plugin']:18s} {row['distribution']} {row['version']}  {regs}")
+    for f in plugins.failures:
+        print(f"FAILED {f.name} ({f.distribution} {f.version}): {f.error}", file=sys.stderr)
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from .api import synthesize
+
+    s = _settings(args, ["model", "source", "images", "seed", "batch_size", "out"])
+    pool = _real_pool(s["model"]) if s["source"] == "real" else None
+    t = time.perf_counter()
+    cs = synthesize(s["model"], _source_arg(s["source"], s), num_samples=int(s["images"]), seed=int(s["seed"]),
+                    batch_size=int(s["batch_size"]), data=pool, progress=not args.quiet)
+    print(f"{s['source']}: {cs.num_samples} samples for {s['model']} in {time.perf_counter() - t:.1f}s "
+          f"(hash {cs.content_hash()[:16]})")
+    if s.get("out"):
+        print(f"saved {cs.save(s['out'])}")
+    return 0
+
+
+def _real_pool(model: str):
+    entry = plugins.get("models", model).obj
+    if entry.calibration_pool is None:
+        raise DFQError(f"model {model!r} has no real calibration pool")
+    return entry.calibration_pool()
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import evaluate, make_toolchain, synthesize
+    from .scheme import QuantScheme
+
+    s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size"])
+    entry = plugins.get("models", s["model"]).obj
+    scheme = QuantScheme.parse(s["scheme"])
+    chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
+    chain.check_scheme(scheme)
+    model, spec = entry.load()
+    print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
+    pool = _real_pool(s["model"]) if s["source"] == "real" else None
+    t = time.perf_counter()
+    cs = synthesize(model, _source_arg(s["source"], s), input_spec=spec, num_samples=int(s["images"]),
+                    seed=int(s["seed"]), batch_size=int(s["batch_size"]), data=pool, progress=not args.quiet)
+    print(f"calibration data: {cs.num_samples} images from '{s['source']}' (seed {s['seed']}) in "
+          f"{time.perf_counter() - t:.1f}s (synthesis took {cs.manifest.get('synth_seconds', 0):.1f}s)")
+    t = time.perf_counter()
+    q = chain.quantize(model, scheme, cs)
+    print(f"quantized with {s['toolchain']} at {scheme.name} in {time.perf_counter() - t:.1f}s -> "
+          f"{type(q).__name__}")
+    try:
+        test = entry.test_set() if entry.test_set else None
+    except AssetsMissingError as exc:
+        print(f"no accuracy check: {exc}")
+        return 0
+    if test is not None:
+        fp, acc = evaluate(model, test.images, test.labels), evaluate(q, test.images, test.labels)
+        print(f"top-1 on {test.name} ({len(test)} real images): full precision {fp:.2f}%, "
+              f"{scheme.name} {acc:.2f}% ({acc - fp:+.2f})")
+    if args.save:
+        import torch
+
+        path = Path(args.save)
+        torch.save(q.state_dict(), path)
+        print(f"saved the quantized model's state_dict to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchPlan, markdown_table, run_bench
+
+    s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json",
+                         "md", "test_limit"])
+    plan = BenchPlan(
+        model=s["model"], toolchains=split_list(s["toolchain"]), schemes=split_list(s["scheme"]),
+        sources=split_list(s["source"]), images=int(s["images"]),
+        seeds=[int(v) for v in split_list(s.get("seeds", "0"))], batch_size=int(s["batch_size"]),
+        source_configs=s["sources"], toolchain_configs=s["toolchains"], test_limit=s.get("test_limit"),
+    )
+    json_path = Path(s["json"]) if s.get("json") else None
+    records = run_bench(plan, json_path, progress=not args.quiet)
+    table = markdown_table([r for r in records if r["model"] == plan.model])
+    print(table)
+    md = s.get("md") or (json_path.with_suffix(".md") if json_path else None)
+    if md:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(md), table + "\n")
+        print(f"wrote {json_path} and {md}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfq", description="Data-free calibration for torch.ao FX, torchao PT2E, NNCF")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("plugins", help="list plugins, their distributions and what they register")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plugins)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--recipe", help="TOML file with the same keys as these flags ([sources.NAME] tables)")
+        sp.add_argument("--model", help=f"model plugin name (default {DEFAULTS['model']})")
+        sp.add_argument("--images", type=int, help="calibration images (default 256)")
+        sp.add_argument("--batch-size", dest="batch_size", type=int, help="calibration batch size (default 32)")
+        sp.add_argument("--set", action="append", metavar="SOURCE.KEY=VALUE",
+                        help="source option, e.g. zeroq.iterations=100 (repeatable)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("synthesize", help="make a calibration set and save it")
+    common(sp)
+    sp.add_argument("--source", help="data source (default zeroq)")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--out", help="path of the .safetensors file to write")
+    sp.set_defaults(func=cmd_synthesize)
+
+    sp = sub.add_parser("quantize", help="data-free quantization of a model through one toolchain")
+    common(sp)
+    sp.add_argument("--toolchain", help="torch-ao-fx (default), torchao-pt2e or nncf")
+    sp.add_argument("--scheme", help="w8a8 (default), w4a8, w4a4, ...")
+    sp.add_argument("--source", help="data source (default zeroq)")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--save", help="write the quantized model's state_dict here")
+    sp.set_defaults(func=cmd_quantize)
+
+    sp = sub.add_parser("bench", help="compare sources on the model's real test set")
+    common(sp)
+    sp.add_argument("--toolchain", help="comma-separated toolchains")
+    sp.add_argument("--scheme", help="comma-separated schemes")
+    sp.add_argument("--source", help="comma-separated sources, e.g. real,noise,zeroq")
+    sp.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    sp.add_argument("--json", help="JSON file of records (resumed if it exists)")
+    sp.add_argument("--md", help="Markdown table output (default: beside --json)")
+    sp.add_argument("--test-limit", dest="test_limit", type=int, help="evaluate on the first N test images only")
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: finished batches and bench records are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (DFQError, ValueError, FileNotFoundError) as exc:
+        print(f"dfq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

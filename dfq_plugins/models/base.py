@@ -1,0 +1,38 @@
+"""What a model plugin registers: a loader plus, optionally, its real test set and real-data pool."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..spec import InputSpec
+
+
+@dataclass
+class EvalSet:
+    """Real images already in the model's normalised input space, with labels."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class ModelDef:
+    """A named model: ``load()`` gives (model, InputSpec); the rest is for measuring.
+
+    ``test_set()`` is the real held-out set headline numbers come from; ``calibration_pool()``
+    is a disjoint pool of real images for the ``real`` baseline. Both raise
+    :class:`AssetsMissingError` when their files are absent.
+    """
+
+    name: str
+    load: Callable[[], tuple[nn.Module, InputSpec]]
+    description: str = ""
+    test_set: Callable[[], EvalSet] | None = None
+    calibration_pool: Callable[[], EvalSet] | None = None

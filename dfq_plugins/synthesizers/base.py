@@ -1,0 +1,90 @@
+"""What every synthesizer shares: config as dataclass fields, labelling by the teacher, batch bookkeeping."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..data import CalibrationSet
+from ..teacher import Teacher
+
+
+@dataclass
+class Synthesizer:
+    """Base class: subclasses are dataclasses whose fields are their configuration.
+
+    ``synthesize`` returns a CalibrationSet whose samples are labelled by the teacher (hard
+    label, soft label and prediction entropy as ``difficulty``), which distillers reuse.
+    """
+
+    name = "synthesizer"
+    needs_batchnorm = False
+    cacheable = True  # False for sources whose output depends on data outside the config
+
+    def config_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def synthesize(self, teacher: Teacher, num_samples: int, *, seed: int = 0, batch_size: int = 32,
+                   progress: bool = True, workdir: Path | None = None) -> CalibrationSet:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------
+    def finish(self, teacher: Teacher, images: torch.Tensor, seed: int, batch_size: int,
+               labels: torch.Tensor | None = None, extra: dict[str, Any] | None = None) -> CalibrationSet:
+        soft = teacher_soft_labels(teacher, images)
+        entropy = -(soft.clamp_min(1e-12).log() * soft).sum(1)
+        manifest = {"method": self.name, "config": self.config_dict(), "seed": seed,
+                    "num_samples": int(images.shape[0]), "teacher": teacher.fingerprint(),
+                    "input_spec": teacher.spec.to_dict(), **(extra or {})}
+        return CalibrationSet(images.contiguous(), batch_size,
+                              labels=soft.argmax(1) if labels is None else labels,
+                              soft_labels=soft, metadata={"difficulty": entropy}, manifest=manifest)
+
+
+@torch.no_grad()
+def teacher_soft_labels(teacher: Teacher, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([teacher(images[i:i + chunk]).softmax(1) for i in range(0, images.shape[0], chunk)])
+
+
+def seeded_generator(seed: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + salt)
+
+
+def batches_of(num_samples: int, batch_size: int) -> list[int]:
+    """Sizes of the synthesis batches covering ``num_samples``."""
+    full, rest = divmod(num_samples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def resumable_batches(sizes: list[int], workdir: Path | None,
+                      make: Callable[[int, int], torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``make(index, size)`` per batch, keeping finished batches in ``workdir``.
+
+    Each finished batch is written atomically, so an interrupted run resumes where it stopped
+    and never reads half a batch.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from ..io import atomic_write
+
+    out = []
+    for i, size in enumerate(sizes):
+        path = None if workdir is None else Path(workdir) / f"batch-{i:04d}.safetensors"
+        if path is not None and path.exists():
+            try:
+                t = load_file(str(path))["images"]
+                if t.shape[0] == size:
+                    out.append(t)
+                    continue
+            except Exception:
+                path.unlink(missing_ok=True)  # unreadable leftover: redo that batch
+        images = make(i, size).detach().contiguous()
+        if path is not None:
+            atomic_write(path, lambda p, t=images: save_file({"images": t}, str(p)))
+        out.append(images)
+    return out
+
+
+__all__ = ["Synthesizer", "asdict", "batches_of", "resumable_batches", "seeded_generator", "teacher_soft_labels"]

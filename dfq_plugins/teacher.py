@@ -1,0 +1,76 @@
+"""The full-precision model seen as a teacher: its BN layers, classifier and hooks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .spec import InputSpec
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class Teacher:
+    """A frozen FP model plus the introspection synthesizers and distillers need.
+
+    The wrapped model is put in eval mode and its parameters stop requiring gradients (the
+    teacher is never trained); gradients still flow to the inputs. Hooks are context
+    managers and always remove themselves, even on error or Ctrl-C.
+    """
+
+    def __init__(self, model: nn.Module, spec: InputSpec) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.spec = spec
+        self._fingerprint: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def bn_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BN_TYPES)]
+
+    def has_batchnorm(self) -> bool:
+        return bool(self.bn_layers())
+
+    def classifier(self) -> nn.Linear:
+        """The last Linear layer: its weight rows are the class prototypes."""
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the teacher has no nn.Linear classifier layer")
+        return linears[-1]
+
+    def fingerprint(self) -> str:
+        """A content hash of the weights and buffers, the teacher's part of every cache key."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().contiguous().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @contextlib.contextmanager
+    def forward_pre_hooks(
+        self, modules: list[nn.Module], fn: Callable[[int, torch.Tensor], None]
+    ) -> Iterator[None]:
+        """Call ``fn(index, input)`` before each of ``modules`` runs; removed on exit."""
+        handles = [
+            m.register_forward_pre_hook(lambda _m, args, i=i: fn(i, args[0])) for i, m in enumerate(modules)
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def penultimate_features(self, store: list[torch.Tensor]) -> Iterator[None]:
+        """Append the classifier's input (pooled features) to ``store`` on each forward."""
+        with self.forward_pre_hooks([self.classifier()], lambda _i, x: store.append(x)):
+            yield

@@ -1,0 +1,80 @@
+"""The toolchain contract adapters implement, and helpers they share."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import CalibrationSet
+from .scheme import QuantScheme
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class Toolchain:
+    """prepare -> calibrate -> convert, the way the wrapped toolchain does it.
+
+    ``prepare`` never touches the caller's model (it quantizes a deep copy) and with
+    ``trainable=True`` returns a student whose weights require gradients (QAT-style fake
+    quantization), for the distillers. ``convert`` returns the toolchain's own model.
+    """
+
+    name: str = "toolchain"
+
+    def check_scheme(self, scheme: QuantScheme) -> None:
+        """Raise UnsupportedSchemeError for a scheme this toolchain cannot express."""
+
+    def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
+                trainable: bool = False) -> Any:
+        raise NotImplementedError
+
+    def calibrate(self, prepared: Any, calibration_set: CalibrationSet) -> Any:
+        raise NotImplementedError
+
+    def convert(self, prepared: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def quantize(self, model: nn.Module, scheme: QuantScheme, calibration_set: CalibrationSet, *,
+                 trainable: bool = False) -> nn.Module:
+        example = example_inputs_of(calibration_set)
+        prepared = self.prepare(model, scheme, example, trainable=trainable)
+        prepared = self.calibrate(prepared, calibration_set)
+        return prepared if trainable else self.convert(prepared)
+
+
+def example_inputs_of(cs: CalibrationSet) -> tuple:
+    """Positional example inputs (batch of at least 2, so a dynamic batch dim stays dynamic)."""
+    batch = cs[0]
+    if isinstance(batch, dict):
+        raise TypeError("keyword-input models need explicit example_inputs")
+    batch = batch if isinstance(batch, tuple) else (batch,)
+    return tuple(t[:2] if t.shape[0] >= 2 else torch.cat([t, t]) for t in batch)
+
+
+def private_copy(model: nn.Module, trainable: bool) -> nn.Module:
+    """A deep copy in the right mode, so the caller's (teacher's) model is never modified."""
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.requires_grad_(trainable)
+    return m.train() if trainable else m.eval()
+
+
+def first_and_last_layers(model: nn.Module) -> tuple[str, str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    if not names:
+        raise ValueError("the model has no Conv or Linear layer to quantize")
+    return names[0], names[-1]
+
+
+@torch.no_grad()
+def run_calibration(model: Any, calibration_set: CalibrationSet) -> None:
+    """Feed every batch through an observed model (tensor, tuple or dict batches)."""
+    for batch in calibration_set:
+        if isinstance(batch, dict):
+            model(**batch)
+        elif isinstance(batch, tuple):
+            model(*batch)
+        else:
+            model(batch)
