@@ -57,7 +57,8 @@ def private_copy(model: nn.Module, trainable: bool) -> nn.Module:
     """A deep copy in the right mode, so the caller's (teacher's) model is never modified."""
     m = copy.deepcopy(model)
     for p in m.parameters():
-        p.requires_grad_(trainable)
+        if p.is_floating_point():
+            p.requires_grad_(trainable)
     return m.train() if trainable else m.eval()
 
 

@@ -117,7 +117,8 @@ class NNCFToolchain(Toolchain):
         if prepared.trainable:
             quantized.train()
             for p in quantized.parameters():
-                p.requires_grad_(True)
+                if p.is_floating_point():
+                    p.requires_grad_(True)
         return quantized
 
     def convert(self, prepared: nn.Module) -> nn.Module:

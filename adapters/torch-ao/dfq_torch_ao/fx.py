@@ -73,14 +73,19 @@ class FxToolchain(Toolchain):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                if trainable:
-                    return prepare_qat_fx(m, mapping, example_inputs)
-                return prepare_fx(m, mapping, example_inputs)
+                prepare = prepare_qat_fx if trainable else prepare_fx
+                prepared = prepare(m, mapping, example_inputs)
             except torch.fx.proxy.TraceError as exc:
                 raise UntraceableModelError(
                     f"torch.ao FX cannot symbolically trace {type(model).__name__} ({exc}). "
                     f"Use toolchain {TRACEABLE_ELSEWHERE}, which capture graphs differently."
                 ) from exc
+        bits = [scheme.weight_bits, scheme.act_bits]
+        for override in (scheme.first_layer, scheme.last_layer):
+            if override is not None:
+                bits += [override.weight_bits, override.act_bits]
+        prepared._dfq_narrow_bits = min(bits) < 8
+        return prepared
 
     def calibrate(self, prepared: Any, calibration_set: CalibrationSet) -> Any:
         was_training = prepared.training
@@ -90,8 +95,17 @@ class FxToolchain(Toolchain):
         return prepared
 
     def convert(self, prepared: Any) -> nn.Module:
-        from torch.ao.quantization.quantize_fx import convert_fx
+        """``convert_fx`` (int8 kernels) at 8 bits; below 8 bits the decomposed reference model.
 
+        The int8 kernels saturate to the int8/uint8 range, not to a narrowed ``quant_min/quant_max``,
+        so a 4-bit scheme converted with ``convert_fx`` silently keeps values beyond 16 levels. The
+        decomposed reference model clamps to the scheme's range and is what 4 bits really give.
+        """
+        from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx
+
+        narrow = getattr(prepared, "_dfq_narrow_bits", True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if narrow:
+                return _convert_to_reference_decomposed_fx(prepared.eval())
             return convert_fx(prepared.eval())

@@ -100,7 +100,8 @@ class PT2EToolchain(Toolchain):
             prepared = prepare_qat_pt2e(gm, quantizer) if trainable else prepare_pt2e(gm, quantizer)
         if trainable:
             for p in prepared.parameters():
-                p.requires_grad_(True)
+                if p.is_floating_point():
+                    p.requires_grad_(True)
         return prepared
 
     def calibrate(self, prepared: Any, calibration_set: CalibrationSet) -> Any:

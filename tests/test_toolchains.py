@@ -1,0 +1,128 @@
+"""The three toolchains on real small models: schemes honoured, errors clear, models usable."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dfq_plugins
+from dfq_plugins import CalibrationSet, QuantScheme
+from dfq_plugins.api import make_toolchain
+from dfq_plugins.errors import UnsupportedSchemeError, UntraceableModelError
+
+from .conftest import TINY_SPEC, make_tiny
+
+TOOLCHAINS = ["torch-ao-fx", "torchao-pt2e", "nncf"]
+
+
+def calib(n=32):
+    return CalibrationSet(torch.randn(n, *TINY_SPEC.shape), batch_size=8)
+
+
+def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+
+
+@pytest.mark.parametrize("name", TOOLCHAINS)
+def test_w8a8_follows_the_float_model_and_leaves_it_untouched(name):
+    model = make_tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = make_toolchain(name).quantize(model, QuantScheme.parse("w8a8"), calib())
+    x = torch.randn(64, *TINY_SPEC.shape)
+    assert agreement(model, q, x) >= 0.9
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert q(torch.randn(1, *TINY_SPEC.shape)).shape == (1, 4)  # batch 1 works (dynamic batch)
+    assert q(torch.randn(7, *TINY_SPEC.shape)).shape == (7, 4)
+
+
+def test_fx_4_bits_really_have_16_levels():
+    """Weights and activations of the converted FX model stay on a 16-level grid, clamped."""
+    model = make_tiny()
+    q = make_toolchain("torch-ao-fx").quantize(model, QuantScheme.parse("w4a4"), calib())
+    x = torch.randn(16, *TINY_SPEC.shape)
+    acts = []
+    handle = q.get_submodule("conv2").register_forward_pre_hook(lambda m, a: acts.append(a[0]))
+    try:
+        q(x * 3)  # far outside the calibrated range: must clamp, not extend the grid
+    finally:
+        handle.remove()
+    assert len(torch.unique(acts[0])) <= 16
+    conv = q.get_submodule("conv1")
+    ints = torch.round(conv.get_weight() / conv.weight_scale.view(-1, 1, 1, 1))
+    assert ints.min() >= -8 and ints.max() <= 7
+
+
+def test_pt2e_scheme_reaches_the_observers():
+    tc = make_toolchain("torchao-pt2e")
+    prepared = tc.prepare(make_tiny(), QuantScheme.parse("w4a4"), (torch.randn(2, *TINY_SPEC.shape),))
+    ranges = {(m.quant_min, m.quant_max) for m in prepared.modules() if hasattr(m, "quant_min")}
+    assert (0, 15) in ranges and (-8, 7) in ranges
+
+
+def test_nncf_bits_reach_its_quantizers():
+    q = make_toolchain("nncf").quantize(make_tiny(), QuantScheme.parse("w4a8"), calib())
+    bits = {int(m.num_bits) for m in q.modules() if hasattr(m, "num_bits")}
+    assert bits == {4, 8}
+
+
+def test_trainable_students_have_gradients():
+    for name in TOOLCHAINS:
+        student = make_toolchain(name).quantize(make_tiny(), QuantScheme.parse("w8a8"), calib(), trainable=True)
+        out = student(torch.randn(4, *TINY_SPEC.shape))
+        out.sum().backward()
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_nncf_takes_sequential_models():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    q = make_toolchain("nncf").quantize(model, QuantScheme.parse("w8a8"), calib())
+    assert q(torch.randn(2, *TINY_SPEC.shape)).shape == (2, 4)
+
+
+def test_schemes_a_toolchain_cannot_express_are_clear_errors():
+    nncf = make_toolchain("nncf")
+    with pytest.raises(UnsupportedSchemeError, match="first/last layer"):
+        nncf.check_scheme(QuantScheme.parse({"name": "w4a8", "first_layer": {"weight_bits": 8, "act_bits": 8}}))
+    with pytest.raises(UnsupportedSchemeError, match="symmetric activations"):
+        nncf.check_scheme(QuantScheme.parse("w4a4"))
+    with pytest.raises(UnsupportedSchemeError):  # before any synthesis is spent
+        dfq_plugins.quantize(make_tiny(), toolchain="nncf", scheme="w4a4", input_spec=TINY_SPEC, source="zeroq")
+
+
+def test_untraceable_model_names_the_toolchains_that_can_take_it():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_tiny()
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.net(x)
+            return self.net(-x)
+
+    with pytest.raises(UntraceableModelError, match="torchao-pt2e .* and nncf"):
+        make_toolchain("torch-ao-fx").quantize(Branchy(), QuantScheme.parse("w8a8"), calib())
+    q = make_toolchain("nncf").quantize(Branchy(), QuantScheme.parse("w8a8"), calib())
+    assert q(torch.randn(2, *TINY_SPEC.shape)).shape == (2, 4)
+
+
+def test_first_layer_override_in_fx():
+    scheme = QuantScheme.parse({"name": "w4a4", "first_layer": {"weight_bits": 8, "act_bits": 8}})
+    prepared = make_toolchain("torch-ao-fx").prepare(make_tiny(), scheme, (torch.randn(2, *TINY_SPEC.shape),))
+    ranges = {name: (m.quant_min, m.quant_max) for name, m in prepared.named_modules() if hasattr(m, "quant_min")}
+    assert (0, 255) in ranges.values() and (0, 15) in ranges.values()
+
+
+def test_nncf_dropin_switches_a_script_to_data_free():
+    import dfq_nncf
+
+    model = make_tiny()
+    q = dfq_nncf.quantize(model, source="noise", input_spec=TINY_SPEC, num_samples=32, batch_size=8)
+    assert agreement(model, q, torch.randn(32, *TINY_SPEC.shape)) >= 0.8
+    with pytest.raises(ValueError, match="input_spec"):
+        dfq_nncf.quantize(model, source="noise")
+    ds = dfq_nncf.calibration_dataset(model, "noise", input_spec=TINY_SPEC, num_samples=16, batch_size=8)
+    assert ds.get_length() == 2
