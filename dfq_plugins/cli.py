@@ -133,6 +133,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speed(args: argparse.Namespace) -> int:
+    from .api import make_synthesizer
+    from .bench.speed import measure_speed
+    from .io import atomic_write_text
+    from .teacher import Teacher
+
+    s = _settings(args, ["model", "source"])
+    model, spec = plugins.get("models", s["model"]).obj.load()
+    rows = []
+    for name in split_list(s["source"]):
+        synth = make_synthesizer(_source_arg(name, s))
+        if not hasattr(synth, "_one_batch"):
+            print(f"{name}: no optimisation loop to time")
+            continue
+        row = {"model": s["model"], **measure_speed(Teacher(model, spec), synth, args.batch or 128,
+                                                    args.iterations, args.repeats)}
+        rows.append(row)
+        print(f"{name}: {row['images_x_iterations_per_s']} images x iterations/s, floor (bare forward+backward) "
+              f"{row['floor_images_x_iterations_per_s']}, ratio {row['ratio_to_floor']}")
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps({"speed": rows}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfq", description="Data-free calibration for torch.ao FX, torchao PT2E, NNCF")
     sub = p.add_subparsers(dest="command", required=True)
@@ -176,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--md", help="Markdown table output (default: beside --json)")
     sp.add_argument("--test-limit", dest="test_limit", type=int, help="evaluate on the first N test images only")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("speed", help="synthesis speed against a bare forward+backward of the teacher")
+    sp.add_argument("--recipe")
+    sp.add_argument("--model", help=f"model plugin name (default {DEFAULTS['model']})")
+    sp.add_argument("--source", help="comma-separated synthesizers (default zeroq)")
+    sp.add_argument("--set", action="append", metavar="SOURCE.KEY=VALUE")
+    sp.add_argument("--batch", type=int, help="synthesis batch (default 128)")
+    sp.add_argument("--iterations", type=int, default=20)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--json", help="write the measurements here")
+    sp.set_defaults(func=cmd_speed)
     return p
 
 

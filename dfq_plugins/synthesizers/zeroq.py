@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..data import CalibrationSet
 from ..errors import MissingBatchNormError
+from ..losses import channel_stats
 from ..progress import progress_bar
 from ..teacher import Teacher
 from .base import Synthesizer, batches_of, resumable_batches, seeded_generator
@@ -126,7 +127,7 @@ class ZeroQSynthesizer(Synthesizer):
         use_std = self.statistic == "std"
 
         def capture(i: int, inp: torch.Tensor) -> None:
-            var, mean = torch.var_mean(inp, dim=(0, 2, 3), unbiased=False)
+            mean, var = channel_stats(inp)
             spread = torch.sqrt(var + 1e-5) if use_std else var
             stats[i] = (mean - means[i]).pow(2).sum() + (spread - spreads[i]).pow(2).sum()
 
