@@ -14,7 +14,7 @@ from .data import CalibrationSet
 from .io import cache_root, short_hash
 from .scheme import QuantScheme
 from .spec import InputSpec
-from .teacher import Teacher
+from .teacher import Teacher, borrowed_teacher
 
 SourceArg = "str | dict[str, Any] | CalibrationSet"
 
@@ -59,19 +59,18 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
     its finished batches and resumes from them.
     """
     model, spec = resolve_model(model, input_spec)
-    teacher = Teacher(model, spec)
     synth = make_synthesizer(source, data)
     if num_samples < 1:
         raise ValueError("num_samples must be at least 1")
-    use_cache = cache and synth.cacheable
-    path = calibration_cache_path(teacher, synth, num_samples, seed) if use_cache else None
-    if path is not None and path.exists():
-        cs = CalibrationSet.load(path)
-        return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
-    workdir = path.with_suffix(".partial") if path is not None else None
-    started = time.perf_counter()
-    cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
-                          workdir=workdir)
+    with borrowed_teacher(model, spec) as teacher:
+        path = calibration_cache_path(teacher, synth, num_samples, seed) if cache and synth.cacheable else None
+        if path is not None and path.exists():
+            cs = CalibrationSet.load(path)
+            return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
+        workdir = path.with_suffix(".partial") if path is not None else None
+        started = time.perf_counter()
+        cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
+                              workdir=workdir)
     cs.manifest["synth_seconds"] = round(time.perf_counter() - started, 3)
     if path is not None:
         cs.save(path)

@@ -25,7 +25,11 @@ def _settings(args: argparse.Namespace, keys: list[str]) -> dict[str, Any]:
     merged = {k: v for k, v in DEFAULTS.items() if k in keys}
     merged.update({k.replace("-", "_"): v for k, v in recipe.items()})
     merged.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
-    merged["sources"] = {k: dict(v) for k, v in recipe.get("sources", {}).items()}
+    model = merged.get("model")
+    defaults = plugins.get("models", model).obj.source_defaults if isinstance(model, str) else {}
+    merged["sources"] = {k: dict(v) for k, v in defaults.items()}
+    for k, v in recipe.get("sources", {}).items():
+        merged["sources"].setdefault(k, {}).update(v)
     merged["toolchains"] = {k: dict(v) for k, v in recipe.get("toolchains", {}).items()}
     apply_overrides(merged["sources"], getattr(args, "set", None) or [])
     return merged

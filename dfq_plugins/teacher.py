@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .io import tensors_hash
 from .spec import InputSpec
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -47,12 +47,7 @@ class Teacher:
     def fingerprint(self) -> str:
         """A content hash of the weights and buffers, the teacher's part of every cache key."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, t in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                h.update(str(tuple(t.shape)).encode())
-                h.update(t.detach().contiguous().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = tensors_hash(self.model.state_dict())[:16]
         return self._fingerprint
 
     @contextlib.contextmanager
@@ -74,3 +69,17 @@ class Teacher:
         """Append the classifier's input (pooled features) to ``store`` on each forward."""
         with self.forward_pre_hooks([self.classifier()], lambda _i, x: store.append(x)):
             yield
+
+
+@contextlib.contextmanager
+def borrowed_teacher(model: nn.Module, spec: InputSpec) -> Iterator[Teacher]:
+    """A Teacher over a user's model that gives the model back as it was (mode, requires_grad)."""
+    training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield Teacher(model, spec)
+    finally:
+        model.train(training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+

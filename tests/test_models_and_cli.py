@@ -79,3 +79,21 @@ def test_cli_errors_are_one_clear_line(capsys):
     assert "no toolchain named 'tensorrt'" in capsys.readouterr().err
     assert main(["bench", "--set", "iterations=3", "--quiet"]) == 2
     assert "SOURCE.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_speed_reports_throughput_against_the_floor(resnet20, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--iterations", "2", "--repeats", "1", "--batch", "16", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["speed"][0]
+    assert row["method"] == "zeroq" and row["images_x_iterations_per_s"] > 0
+    assert row["ratio_to_floor"] == pytest.approx(
+        row["floor_images_x_iterations_per_s"] / row["images_x_iterations_per_s"], rel=1e-2)
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_model_recipes_fill_in_source_defaults():
+    from dfq_plugins.cli import _settings, build_parser
+
+    args = build_parser().parse_args(["bench", "--model", "efficientnet-lite0", "--set", "zeroq.lr=0.1"])
+    s = _settings(args, ["model"])
+    assert s["sources"]["zeroq"] == {"iterations": 100, "synthesis_batch_size": 32, "lr": 0.1}

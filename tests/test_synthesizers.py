@@ -125,3 +125,11 @@ def test_teacher_hooks_are_removed_even_on_error(tiny):
             raise RuntimeError("boom")
     assert all(not m._forward_pre_hooks for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_synthesize_gives_the_users_model_back_as_it_was(tiny):
+    model, spec = tiny
+    model.train()
+    dfq_plugins.synthesize(model, {"name": "zeroq", "iterations": 2}, input_spec=spec, num_samples=4,
+                           progress=False)
+    assert model.training and all(p.requires_grad for p in model.parameters())

@@ -1,8 +1,8 @@
 """What a model plugin registers: a loader plus, optionally, its real test set and real-data pool."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ class EvalSet:
 class ModelDef:
     """A named model: ``load()`` gives (model, InputSpec); the rest is for measuring.
 
-    ``test_set()`` is the real held-out set headline numbers come from; ``calibration_pool()``
+    ``source_defaults`` holds the model's CPU-budget recipe per source. ``test_set()`` is the real held-out set headline numbers come from; ``calibration_pool()``
     is a disjoint pool of real images for the ``real`` baseline. Both raise
     :class:`AssetsMissingError` when their files are absent.
     """
@@ -36,3 +36,6 @@ class ModelDef:
     description: str = ""
     test_set: Callable[[], EvalSet] | None = None
     calibration_pool: Callable[[], EvalSet] | None = None
+    source_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-source settings that fit this model on a CPU (e.g. fewer zeroq iterations at 224x224);
+    the CLI and bench start from them, and user settings override them."""

