@@ -15,8 +15,12 @@ class _ChannelStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.numel() // x.shape[1]
-        s1 = x.sum(dim=(2, 3)).sum(0)
-        s2 = (x * x).sum(dim=(2, 3)).sum(0)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: channels are innermost
+            s1, s2 = flat.sum(0), (flat * flat).sum(0)
+        else:
+            s1 = x.sum(dim=(2, 3)).sum(0)
+            s2 = (x * x).sum(dim=(2, 3)).sum(0)
         mean = s1 / n
         var = (s2 / n - mean * mean).clamp_min(0.0)
         ctx.save_for_backward(x, mean)

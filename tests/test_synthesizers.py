@@ -133,3 +133,24 @@ def test_synthesize_gives_the_users_model_back_as_it_was(tiny):
     dfq_plugins.synthesize(model, {"name": "zeroq", "iterations": 2}, input_spec=spec, num_samples=4,
                            progress=False)
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_stats_match_var_mean_with_exact_gradients(layout):
+    from dfq_plugins.losses import channel_stats
+
+    x = torch.randn(4, 3, 5, 6, dtype=torch.double).contiguous(memory_format=layout).requires_grad_(True)
+    mean, var = channel_stats(x)
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(mean, ref_mean) and torch.allclose(var, ref_var)
+    assert torch.autograd.gradcheck(channel_stats, (x,))
+
+
+def test_channels_last_synthesis_matches_and_restores_layout():
+    model = make_tiny()
+    spec = InputSpec((3, 16, 16), (0.5,) * 3, (0.25,) * 3, 4)
+    teacher = Teacher(model, spec)
+    a = ZeroQSynthesizer(iterations=3, channels_last=True).synthesize(teacher, 8, progress=False).images
+    b = ZeroQSynthesizer(iterations=3, channels_last=False).synthesize(teacher, 8, progress=False).images
+    assert torch.allclose(a, b, atol=1e-4)
+    assert a.is_contiguous() and model.conv1.weight.is_contiguous()

@@ -11,9 +11,12 @@ from ..progress import progress_bar
 from ..teacher import Teacher
 
 
-def floor_rate(teacher: Teacher, batch: int, iterations: int) -> float:
+def floor_rate(teacher: Teacher, batch: int, iterations: int, channels_last: bool = False) -> float:
     """Images x iterations per second of forward + backward to the input, nothing else."""
-    x = torch.randn(batch, *teacher.spec.shape, requires_grad=True)
+    x = torch.randn(batch, *teacher.spec.shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     teacher(x).sum().backward()  # warm-up
     start = time.perf_counter()
     for _ in range(iterations):
@@ -27,20 +30,23 @@ def synth_rate(teacher: Teacher, synth: Any, batch: int, iterations: int) -> flo
     synth.iterations = iterations
     synth.synthesis_batch_size = batch
     bar = progress_bar(total=iterations, enabled=False)
-    start = time.perf_counter()
-    synth._one_batch(teacher, batch, 0, 0, bar)
-    return batch * iterations / (time.perf_counter() - start)
+    with synth._memory_format(teacher):
+        start = time.perf_counter()
+        synth._one_batch(teacher, batch, 0, 0, bar)
+        return batch * iterations / (time.perf_counter() - start)
 
 
 def measure_speed(teacher: Teacher, synth: Any, batch: int = 128, iterations: int = 20,
                   repeats: int = 3) -> dict[str, Any]:
     """Alternate floor and synthesizer runs (so machine load hits both) and report medians."""
     synth_rate(teacher, synth, batch, 2)  # warm-up
+    layout = bool(getattr(synth, "uses_channels_last", lambda spec: False)(teacher.spec))
     floors, rates = [], []
     for _ in range(repeats):
-        floors.append(floor_rate(teacher, batch, iterations))
+        with synth._memory_format(teacher):  # the floor runs in the layout the synthesizer uses
+            floors.append(floor_rate(teacher, batch, iterations, layout))
         rates.append(synth_rate(teacher, synth, batch, iterations))
     floor, rate = statistics.median(floors), statistics.median(rates)
     return {"method": synth.name, "batch": batch, "iterations": iterations, "repeats": repeats,
             "images_x_iterations_per_s": round(rate, 1), "floor_images_x_iterations_per_s": round(floor, 1),
-            "ratio_to_floor": round(floor / rate, 3), "threads": torch.get_num_threads()}
+            "ratio_to_floor": round(floor / rate, 3), "channels_last": layout, "threads": torch.get_num_threads()}

@@ -22,9 +22,11 @@ class Synthesizer:
     name = "synthesizer"
     needs_batchnorm = False
     cacheable = True  # False for sources whose output depends on data outside the config
+    speed_only_fields: tuple[str, ...] = ()  # knobs that change speed, not the data (kept out of cache keys)
 
     def config_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not f.name.startswith("_") and f.name not in self.speed_only_fields}
 
     def synthesize(self, teacher: Teacher, num_samples: int, *, seed: int = 0, batch_size: int = 32,
                    progress: bool = True, workdir: Path | None = None) -> CalibrationSet:

@@ -7,6 +7,7 @@ smoothing + flip + jitter image pipeline, and a plateau LR schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class ZeroQSynthesizer(Synthesizer):
 
     name = "zeroq"
     needs_batchnorm = True
+    speed_only_fields = ("channels_last",)
     iterations: int = 200
     lr: float = 0.25
     optimizer: str = "adam"
@@ -61,6 +63,7 @@ class ZeroQSynthesizer(Synthesizer):
     jitter: int = -1  # pixels of random shift per step; -1: 1/16 of the image size
     clip: bool = True
     synthesis_batch_size: int = 128
+    channels_last: bool | None = None  # None: on for images of 64x64 and larger (1.8x on Lite0 at 224)
 
     def __post_init__(self) -> None:
         for field_name, allowed in (("init", INITS), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
@@ -84,10 +87,29 @@ class ZeroQSynthesizer(Synthesizer):
         bar = progress_bar(total=len(sizes) * self.iterations, desc=f"zeroq {num_samples} images",
                            enabled=progress, unit="it")
         try:
-            parts = resumable_batches(sizes, workdir, lambda i, n: self._one_batch(teacher, n, seed, i, bar))
+            with self._memory_format(teacher):
+                parts = resumable_batches(sizes, workdir,
+                                          lambda i, n: self._one_batch(teacher, n, seed, i, bar))
         finally:
             bar.close()
-        return self.finish(teacher, torch.cat(parts), seed, batch_size)
+        return self.finish(teacher, torch.cat(parts).contiguous(), seed, batch_size)
+
+    def uses_channels_last(self, spec) -> bool:
+        if self.channels_last is None:
+            return spec.shape[-1] * spec.shape[-2] >= 64 * 64
+        return self.channels_last
+
+    @contextlib.contextmanager
+    def _memory_format(self, teacher: Teacher):
+        """Run the teacher channels-last (mkldnn's fast path for depthwise convs), then restore it."""
+        if not self.uses_channels_last(teacher.spec):
+            yield
+            return
+        teacher.model.to(memory_format=torch.channels_last)
+        try:
+            yield
+        finally:
+            teacher.model.to(memory_format=torch.contiguous_format)
 
     def _targets(self, teacher: Teacher) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         means, spreads = [], []
@@ -116,6 +138,8 @@ class ZeroQSynthesizer(Synthesizer):
         x = self._init_images(n, teacher, g)
         if self.clip:
             x = torch.maximum(torch.minimum(x, hi), lo)
+        if self.uses_channels_last(spec):
+            x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         opt_cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.RAdam
         opt = opt_cls([x], lr=self.lr)
