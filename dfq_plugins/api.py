@@ -45,8 +45,8 @@ def make_synthesizer(source: str | dict[str, Any], data: Any = None) -> Any:
 
 
 def calibration_cache_path(teacher: Teacher, synth: Any, num_samples: int, seed: int) -> Path:
-    key = short_hash({"teacher": teacher.fingerprint(), "method": synth.name, "config": synth.config_dict(),
-                      "seed": seed, "num_samples": num_samples, "format": 1})
+    key = short_hash({"teacher": teacher.fingerprint(), "method": synth.name, "version": synth.version,
+                      "config": synth.config_dict(), "seed": seed, "num_samples": num_samples, "format": 1})
     return cache_root() / "calibration" / f"{synth.name}-{key}.safetensors"
 
 

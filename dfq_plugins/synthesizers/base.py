@@ -21,6 +21,7 @@ class Synthesizer:
 
     name = "synthesizer"
     needs_batchnorm = False
+    version = 1  # bump when a change alters the data a given config and seed produce (part of the cache key)
     cacheable = True  # False for sources whose output depends on data outside the config
     speed_only_fields: tuple[str, ...] = ()  # knobs that change speed, not the data (kept out of cache keys)
 
@@ -37,7 +38,10 @@ class Synthesizer:
                labels: torch.Tensor | None = None, extra: dict[str, Any] | None = None) -> CalibrationSet:
         soft = teacher_soft_labels(teacher, images)
         entropy = -(soft.clamp_min(1e-12).log() * soft).sum(1)
-        manifest = {"method": self.name, "config": self.config_dict(), "seed": seed,
+        from .. import __version__
+
+        manifest = {"method": self.name, "method_version": self.version, "package_version": __version__,
+                    "config": self.config_dict(), "seed": seed,
                     "num_samples": int(images.shape[0]), "teacher": teacher.fingerprint(),
                     "input_spec": teacher.spec.to_dict(), **(extra or {})}
         return CalibrationSet(images.contiguous(), batch_size,

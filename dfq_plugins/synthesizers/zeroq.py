@@ -45,6 +45,7 @@ class ZeroQSynthesizer(Synthesizer):
     name = "zeroq"
     needs_batchnorm = True
     speed_only_fields = ("channels_last",)
+    version = 2  # 2: channel statistics from contiguous reductions (numerically different from var_mean)
     iterations: int = 200
     lr: float = 0.25
     optimizer: str = "adam"
