@@ -154,3 +154,12 @@ def test_channels_last_synthesis_matches_and_restores_layout():
     b = ZeroQSynthesizer(iterations=3, channels_last=False).synthesize(teacher, 8, progress=False).images
     assert torch.allclose(a, b, atol=1e-4)
     assert a.is_contiguous() and model.conv1.weight.is_contiguous()
+
+
+def test_config_holds_only_data_knobs():
+    """Class-level settings never leak into configs (and so into cache keys and bench records)."""
+    from dfq_plugins.synthesizers.simple import NoiseSynthesizer
+
+    assert NoiseSynthesizer().config_dict() == {"mean": 0.0, "std": 1.0, "clip": False}
+    cfg = ZeroQSynthesizer().config_dict()
+    assert "channels_last" not in cfg and "speed_only_fields" not in cfg and cfg["iterations"] == 200

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -23,7 +23,7 @@ class Synthesizer:
     needs_batchnorm = False
     version = 1  # bump when a change alters the data a given config and seed produce (part of the cache key)
     cacheable = True  # False for sources whose output depends on data outside the config
-    speed_only_fields: tuple[str, ...] = ()  # knobs that change speed, not the data (kept out of cache keys)
+    speed_only_fields: ClassVar[tuple[str, ...]] = ()  # knobs that change speed, not the data (kept out of cache keys)
 
     def config_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)
