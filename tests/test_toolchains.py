@@ -126,3 +126,14 @@ def test_nncf_dropin_switches_a_script_to_data_free():
         dfq_nncf.quantize(model, source="noise")
     ds = dfq_nncf.calibration_dataset(model, "noise", input_spec=TINY_SPEC, num_samples=16, batch_size=8)
     assert ds.get_length() == 2
+
+
+def test_pt2e_warns_when_its_quantizer_skips_layers():
+    class PaddedConv(nn.Conv2d):  # a Conv2d subclass: X86InductorQuantizer's patterns miss it
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+    model = make_tiny()
+    model.conv1 = PaddedConv(3, 8, 3, padding=1, bias=False)
+    with pytest.warns(UserWarning, match="left 1 of 3 conv/linear layers unquantized"):
+        make_toolchain("torchao-pt2e").prepare(model, QuantScheme.parse("w8a8"), (torch.randn(2, *TINY_SPEC.shape),))

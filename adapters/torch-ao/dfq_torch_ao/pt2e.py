@@ -76,6 +76,30 @@ def export_dynamic_batch(model: nn.Module, example_inputs: tuple) -> torch.fx.Gr
         ) from exc
 
 
+_WEIGHTED_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear")
+
+
+def unannotated_layers(prepared: torch.fx.GraphModule) -> tuple[list[str], int]:
+    """Conv/linear nodes whose weight got no observer, and how many such layers there are."""
+    layers = [n for n in prepared.graph.nodes
+              if n.op == "call_function" and str(n.target).startswith(_WEIGHTED_OPS)]
+    missing = [n.name for n in layers
+               if len(n.args) < 2 or "activation_post_process" not in str(getattr(n.args[1], "target", ""))]
+    return missing, len(layers)
+
+
+def report_unannotated(prepared: torch.fx.GraphModule) -> None:
+    """Warn when the quantizer's pattern matching skipped layers: they would stay in float silently."""
+    missing, total = unannotated_layers(prepared)
+    if missing:
+        warnings.warn(
+            f"X86InductorQuantizer left {len(missing)} of {total} conv/linear layers unquantized "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Its patterns match plain "
+            "nn.Conv2d/nn.Linear; a subclass or functional call with a custom forward is not recognised.",
+            stacklevel=3,
+        )
+
+
 class PT2EToolchain(Toolchain):
     """torchao PT2E. ``observer``: ``minmax`` (default, comparable across toolchains) or ``histogram``
     (X86InductorQuantizer's own default)."""
@@ -98,6 +122,7 @@ class PT2EToolchain(Toolchain):
             warnings.simplefilter("ignore")
             gm = export_dynamic_batch(m, example_inputs)
             prepared = prepare_qat_pt2e(gm, quantizer) if trainable else prepare_pt2e(gm, quantizer)
+        report_unannotated(prepared)
         if trainable:
             for p in prepared.parameters():
                 if p.is_floating_point():
