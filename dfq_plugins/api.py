@@ -16,7 +16,6 @@ from .scheme import QuantScheme
 from .spec import InputSpec
 from .teacher import Teacher, borrowed_teacher
 
-SourceArg = "str | dict[str, Any] | CalibrationSet"
 
 
 def resolve_model(model: nn.Module | str, input_spec: InputSpec | None) -> tuple[nn.Module, InputSpec]:

@@ -13,7 +13,7 @@ import torch
 
 import dfq_plugins
 from dfq_plugins import hookimpl, plugins
-from dfq_plugins.errors import PluginError, UnknownNameError
+from dfq_plugins.errors import UnknownNameError
 from dfq_plugins.synthesizers.base import Synthesizer
 
 

@@ -26,7 +26,8 @@ class EvalSet:
 class ModelDef:
     """A named model: ``load()`` gives (model, InputSpec); the rest is for measuring.
 
-    ``source_defaults`` holds the model's CPU-budget recipe per source. ``test_set()`` is the real held-out set headline numbers come from; ``calibration_pool()``
+    ``source_defaults`` holds the model's CPU-budget recipe per source. ``test_set()`` is the real
+    held-out set headline numbers come from; ``calibration_pool()``
     is a disjoint pool of real images for the ``real`` baseline. Both raise
     :class:`AssetsMissingError` when their files are absent.
     """

@@ -1,7 +1,7 @@
 """What every synthesizer shares: config as dataclass fields, labelling by the teacher, batch bookkeeping."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -93,4 +93,4 @@ def resumable_batches(sizes: list[int], workdir: Path | None,
     return out
 
 
-__all__ = ["Synthesizer", "asdict", "batches_of", "resumable_batches", "seeded_generator", "teacher_soft_labels"]
+__all__ = ["Synthesizer", "batches_of", "resumable_batches", "seeded_generator", "teacher_soft_labels"]

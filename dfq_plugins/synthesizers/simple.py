@@ -60,7 +60,8 @@ class RealSynthesizer(Synthesizer):
         if images.shape[0] < num_samples:
             raise ValueError(f"source 'real' has {images.shape[0]} images, fewer than the {num_samples} asked for")
         if tuple(images.shape[1:]) != tuple(teacher.spec.shape):
-            raise ValueError(f"real images have shape {tuple(images.shape[1:])}, the model expects {teacher.spec.shape}")
+            raise ValueError(f"real images have shape {tuple(images.shape[1:])}, "
+                             f"the model expects {teacher.spec.shape}")
         idx = torch.randperm(images.shape[0], generator=seeded_generator(seed))[:num_samples]
         return self.finish(teacher, images[idx].float(), seed, batch_size,
                            labels=None if labels is None else labels[idx].long())

@@ -8,7 +8,6 @@ smoothing + flip + jitter image pipeline, and a plateau LR schedule.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,5 +211,3 @@ class ZeroQSynthesizer(Synthesizer):
                 view = torch.roll(view, shifts=(dy, dx), dims=(2, 3))
         return view
 
-
-__all__ = ["ZeroQSynthesizer", "math"]

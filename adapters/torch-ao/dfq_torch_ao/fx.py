@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dfq_plugins.data import CalibrationSet
-from dfq_plugins.errors import UnsupportedSchemeError, UntraceableModelError
+from dfq_plugins.errors import UntraceableModelError
 from dfq_plugins.scheme import QuantScheme
 from dfq_plugins.toolchain import Toolchain, first_and_last_layers, private_copy, run_calibration
 
