@@ -92,3 +92,13 @@ def test_nncf_view_is_reiterable_and_sized():
     assert len(first) == len(second) == 3 and ds.get_length() == 3 and ds.get_batch_size() == 4
     loader = cs.as_dataloader()
     assert [b.shape[0] for b in loader] == [4, 4, 2]
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    path = CalibrationSet(torch.zeros(2, 1), 1).save(tmp_path / "perm.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
