@@ -172,7 +172,7 @@ class ZeroQSynthesizer(Synthesizer):
                 opt.step()
                 if self.clip:
                     with torch.no_grad():
-                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                        x.clamp_(lo, hi)
                 if sched is not None:
                     sched.step(loss.detach()) if self.scheduler == "reduce_on_plateau" else sched.step()
                 bar.update(1)
