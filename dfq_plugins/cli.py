@@ -148,7 +148,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     rows = []
     for name in split_list(s["source"]):
         synth = make_synthesizer(_source_arg(name, s))
-        if not hasattr(synth, "_one_batch"):
+        if not synth.has_optimization_loop:
             print(f"{name}: no optimisation loop to time")
             continue
         row = {"model": s["model"], **measure_speed(Teacher(model, spec), synth, args.batch or 128,

@@ -52,6 +52,11 @@ class InputSpec:
             torch.full((1, self.channels, 1, 1), hi)
         )
 
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clamped per channel to the normalised values real pixels can take."""
+        lo, hi = self.bounds()
+        return x.clamp(lo, hi)
+
     def example(self, batch: int = 2) -> torch.Tensor:
         return torch.zeros(batch, *self.shape)
 

@@ -54,7 +54,7 @@ def test_zeroq_same_seed_same_set_and_cache_hit(tiny, monkeypatch):
     src = {"name": "zeroq", "iterations": 5}
     a = dfq_plugins.synthesize(model, src, input_spec=spec, num_samples=8, seed=0, progress=False)
     calls = []
-    monkeypatch.setattr(ZeroQSynthesizer, "_one_batch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", lambda *a, **k: calls.append(1))
     b = dfq_plugins.synthesize(model, src, input_spec=spec, num_samples=8, seed=0, batch_size=4)
     assert not calls, "second call must come from the cache"
     assert torch.equal(a.images, b.images) and b.batch_size == 4
@@ -89,7 +89,7 @@ def test_zeroq_takes_any_channel_count_and_untraceable_forward():
 def test_interrupted_synthesis_resumes_from_finished_batches(tiny, monkeypatch):
     model, spec = tiny
     src = {"name": "zeroq", "iterations": 3, "synthesis_batch_size": 4}
-    real_batch = ZeroQSynthesizer._one_batch
+    real_batch = ZeroQSynthesizer.optimize_batch
     calls = []
 
     def flaky(self, teacher, n, seed, index, bar):
@@ -98,7 +98,7 @@ def test_interrupted_synthesis_resumes_from_finished_batches(tiny, monkeypatch):
             raise KeyboardInterrupt
         return real_batch(self, teacher, n, seed, index, bar)
 
-    monkeypatch.setattr(ZeroQSynthesizer, "_one_batch", flaky)
+    monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         dfq_plugins.synthesize(model, src, input_spec=spec, num_samples=12, progress=False)
     resumed = dfq_plugins.synthesize(model, src, input_spec=spec, num_samples=12, progress=False)

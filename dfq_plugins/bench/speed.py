@@ -30,9 +30,9 @@ def synth_rate(teacher: Teacher, synth: Any, batch: int, iterations: int) -> flo
     synth.iterations = iterations
     synth.synthesis_batch_size = batch
     bar = progress_bar(total=iterations, enabled=False)
-    with synth._memory_format(teacher):
+    with synth.teacher_layout(teacher):
         start = time.perf_counter()
-        synth._one_batch(teacher, batch, 0, 0, bar)
+        synth.optimize_batch(teacher, batch, 0, 0, bar)
         return batch * iterations / (time.perf_counter() - start)
 
 
@@ -43,7 +43,7 @@ def measure_speed(teacher: Teacher, synth: Any, batch: int = 128, iterations: in
     layout = bool(getattr(synth, "uses_channels_last", lambda spec: False)(teacher.spec))
     floors, rates = [], []
     for _ in range(repeats):
-        with synth._memory_format(teacher):  # the floor runs in the layout the synthesizer uses
+        with synth.teacher_layout(teacher):  # the floor runs in the layout the synthesizer uses
             floors.append(floor_rate(teacher, batch, iterations, layout))
         rates.append(synth_rate(teacher, synth, batch, iterations))
     floor, rate = statistics.median(floors), statistics.median(rates)

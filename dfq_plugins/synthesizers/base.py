@@ -1,6 +1,7 @@
 """What every synthesizer shares: config as dataclass fields, labelling by the teacher, batch bookkeeping."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -32,6 +33,17 @@ class Synthesizer:
     def synthesize(self, teacher: Teacher, num_samples: int, *, seed: int = 0, batch_size: int = 32,
                    progress: bool = True, workdir: Path | None = None) -> CalibrationSet:
         raise NotImplementedError
+
+    # -- the optimisation-loop contract (used by synthesis, resume and `dfq speed`) -------------
+    has_optimization_loop: ClassVar[bool] = False  # True when optimize_batch is implemented
+
+    def optimize_batch(self, teacher: Teacher, n: int, seed: int, index: int, bar: Any) -> torch.Tensor:
+        """Synthesize batch ``index`` of ``n`` images (the hot loop); sources that optimise override it."""
+        raise NotImplementedError(f"{self.name} has no per-batch optimisation loop")
+
+    def teacher_layout(self, teacher: Teacher) -> contextlib.AbstractContextManager:
+        """Context in which ``optimize_batch`` runs (e.g. a channels-last teacher); none by default."""
+        return contextlib.nullcontext()
 
     # -- helpers -------------------------------------------------------------------------------
     def finish(self, teacher: Teacher, images: torch.Tensor, seed: int, batch_size: int,

@@ -26,8 +26,7 @@ class NoiseSynthesizer(Synthesizer):
         g = seeded_generator(seed)
         x = torch.randn((num_samples, *teacher.spec.shape), generator=g) * self.std + self.mean
         if self.clip:
-            lo, hi = teacher.spec.bounds()
-            x = torch.maximum(torch.minimum(x, hi), lo)
+            x = teacher.spec.clip(x)
         return self.finish(teacher, x, seed, batch_size)
 
 

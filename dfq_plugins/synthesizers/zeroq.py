@@ -44,6 +44,7 @@ class ZeroQSynthesizer(Synthesizer):
     name = "zeroq"
     needs_batchnorm = True
     speed_only_fields = ("channels_last",)
+    has_optimization_loop = True
     version = 2  # 2: channel statistics from contiguous reductions (numerically different from var_mean)
     iterations: int = 200
     lr: float = 0.25
@@ -87,9 +88,9 @@ class ZeroQSynthesizer(Synthesizer):
         bar = progress_bar(total=len(sizes) * self.iterations, desc=f"zeroq {num_samples} images",
                            enabled=progress, unit="it")
         try:
-            with self._memory_format(teacher):
+            with self.teacher_layout(teacher):
                 parts = resumable_batches(sizes, workdir,
-                                          lambda i, n: self._one_batch(teacher, n, seed, i, bar))
+                                          lambda i, n: self.optimize_batch(teacher, n, seed, i, bar))
         finally:
             bar.close()
         return self.finish(teacher, torch.cat(parts).contiguous(), seed, batch_size)
@@ -100,7 +101,7 @@ class ZeroQSynthesizer(Synthesizer):
         return self.channels_last
 
     @contextlib.contextmanager
-    def _memory_format(self, teacher: Teacher):
+    def teacher_layout(self, teacher: Teacher):
         """Run the teacher channels-last (mkldnn's fast path for depthwise convs), then restore it."""
         if not self.uses_channels_last(teacher.spec):
             yield
@@ -131,13 +132,13 @@ class ZeroQSynthesizer(Synthesizer):
             x = F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
         return x
 
-    def _one_batch(self, teacher: Teacher, n: int, seed: int, index: int, bar) -> torch.Tensor:
+    def optimize_batch(self, teacher: Teacher, n: int, seed: int, index: int, bar) -> torch.Tensor:
         g = seeded_generator(seed, salt=index + 1)
         spec = teacher.spec
         lo, hi = spec.bounds()
         x = self._init_images(n, teacher, g)
         if self.clip:
-            x = torch.maximum(torch.minimum(x, hi), lo)
+            x = spec.clip(x)
         if self.uses_channels_last(spec):
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
@@ -182,7 +183,7 @@ class ZeroQSynthesizer(Synthesizer):
             final = x.detach()
             if kernel is not None:
                 final = self._smooth(final, kernel)
-            return torch.maximum(torch.minimum(final, hi), lo) if self.clip else final
+            return spec.clip(final) if self.clip else final
 
     def _scheduler(self, opt: torch.optim.Optimizer):
         if self.scheduler == "reduce_on_plateau":
