@@ -51,6 +51,26 @@ def make_tiny(channels: int = 3, seed: int = 0) -> nn.Module:
     return m.eval()
 
 
+def make_trained_tiny() -> nn.Module:
+    """TinyNet trained for a second on a 4-class colour task (red, green, blue or dark images), so
+    its logits mean something and label-conditioned synthesis can reach its targets."""
+    torch.manual_seed(0)
+    m = TinyNet(3)
+    opt = torch.optim.Adam(m.parameters(), lr=0.02)
+    m.train()
+    for _ in range(150):
+        labels = torch.randint(0, 4, (64,))
+        pixels = 0.35 + 0.1 * torch.randn(64, 3, 16, 16)
+        shift = torch.zeros(64, 3, 1, 1)
+        shift[labels < 3, labels[labels < 3]] = 0.3
+        pixels = pixels + shift - 0.25 * (labels == 3).float().view(-1, 1, 1, 1)
+        loss = nn.functional.cross_entropy(m((pixels.clamp(0, 1) - 0.5) / 0.25), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
 @pytest.fixture
 def tiny():
     return make_tiny(), TINY_SPEC

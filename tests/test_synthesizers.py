@@ -92,11 +92,11 @@ def test_interrupted_synthesis_resumes_from_finished_batches(tiny, monkeypatch):
     real_batch = ZeroQSynthesizer.optimize_batch
     calls = []
 
-    def flaky(self, teacher, n, seed, index, bar):
+    def flaky(self, teacher, n, seed, index, bar, targets=None):
         calls.append(index)
         if index == 2 and calls.count(2) == 1:
             raise KeyboardInterrupt
-        return real_batch(self, teacher, n, seed, index, bar)
+        return real_batch(self, teacher, n, seed, index, bar, targets)
 
     monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", flaky)
     with pytest.raises(KeyboardInterrupt):

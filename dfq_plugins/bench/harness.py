@@ -35,6 +35,7 @@ class BenchPlan:
     source_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     toolchain_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     test_limit: int | None = None
+    difficulty_plots: list[str] = field(default_factory=lambda: ["dynadfq"])  # sources plotted against real
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +58,30 @@ def load_records(path: Path | None) -> list[dict[str, Any]]:
 
 
 def _steps_of(config: dict[str, Any]) -> int:
+    """Optimisation steps per batch (a wrapper such as diffdfq reports its base's)."""
+    if "iterations" not in config and isinstance(config.get("base"), dict):
+        return _steps_of(config["base"])
     return int(config.get("iterations", 0) or 0)
+
+
+def write_difficulty_plot(path: Path, model: Any, spec: Any, pool: Any, cs: Any, plan: BenchPlan, source: str,
+                          seed: int) -> None:
+    """The synthetic set's per-sample difficulty beside the real pool's (teacher entropy)."""
+    from ..synthesizers.base import teacher_soft_labels
+    from ..teacher import borrowed_teacher
+    from .plots import difficulty_histogram
+
+    with borrowed_teacher(model, spec) as teacher:
+        p = teacher_soft_labels(teacher, pool.images.float())
+    real = -(p.clamp_min(1e-12).log() * p).sum(1)
+    sets = {f"real pool ({pool.name})": real, f"{source} seed {seed}": cs.metadata["difficulty"]}
+    if "asked_hard" in cs.metadata:
+        hard = cs.metadata["asked_hard"].bool()
+        if hard.any() and (~hard).any():
+            sets[f"{source}: asked hard"] = cs.metadata["difficulty"][hard]
+            sets[f"{source}: asked easy"] = cs.metadata["difficulty"][~hard]
+    difficulty_histogram(path, sets, f"{plan.model}: per-sample difficulty, {source} ({plan.images} images) "
+                                     f"vs real")
 
 
 def run_bench(plan: BenchPlan, json_path: Path | None = None,
@@ -76,7 +100,9 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
     images, labels = test.images, test.labels
     if plan.test_limit:
         images, labels = images[: plan.test_limit], labels[: plan.test_limit]
-    pool = entry.calibration_pool() if "real" in plan.sources and entry.calibration_pool else None
+    plotted = [src for src in plan.difficulty_plots if src in plan.sources] if json_path is not None else []
+    wants_pool = "real" in plan.sources or bool(plotted)
+    pool = entry.calibration_pool() if wants_pool and entry.calibration_pool else None
     if "real" in plan.sources and pool is None:
         raise ValueError(f"model {plan.model!r} has no real calibration pool for source 'real'")
 
@@ -101,12 +127,17 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                            plan.toolchain_configs.get(tname, {})}
                     if _run_key(rec) not in done:
                         pending.append((tname, scheme, rec))
-            if not pending:
+            plot_path = (json_path.with_name(f"{json_path.stem}-difficulty-{source}-seed{seed}.png")
+                         if source in plotted and pool is not None else None)
+            if not pending and (plot_path is None or plot_path.exists()):
                 log(f"skip {source} seed {seed}: already in {json_path}")
                 continue
             t_syn = time.perf_counter()
             cs = synthesize(model, {"name": source, **config}, input_spec=spec, num_samples=plan.images,
                             batch_size=plan.batch_size, seed=seed, data=pool, progress=progress)
+            if plot_path is not None:
+                write_difficulty_plot(plot_path, model, spec, pool, cs, plan, source, seed)
+                log(f"wrote {plot_path}")
             synth_seconds = float(cs.manifest.get("synth_seconds", time.perf_counter() - t_syn))
             for tname, scheme, rec in pending:
                 t_run = time.perf_counter()

@@ -30,7 +30,7 @@ def synth_rate(teacher: Teacher, synth: Any, batch: int, iterations: int) -> flo
     synth.iterations = iterations
     synth.synthesis_batch_size = batch
     bar = progress_bar(total=iterations, enabled=False)
-    with synth.teacher_layout(teacher):
+    with synth.session(teacher, 0):
         start = time.perf_counter()
         synth.optimize_batch(teacher, batch, 0, 0, bar)
         return batch * iterations / (time.perf_counter() - start)

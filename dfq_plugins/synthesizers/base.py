@@ -25,10 +25,14 @@ class Synthesizer:
     version = 1  # bump when a change alters the data a given config and seed produce (part of the cache key)
     cacheable = True  # False for sources whose output depends on data outside the config
     speed_only_fields: ClassVar[tuple[str, ...]] = ()  # knobs that change speed, not the data (kept out of cache keys)
+    # Knobs added after data was cached whose default reproduces the earlier behaviour bitwise:
+    # left out of the config (and cache key) while at that default, so existing caches stay valid.
+    omit_at_default: ClassVar[tuple[str, ...]] = ()
 
     def config_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if not f.name.startswith("_") and f.name not in self.speed_only_fields}
+                if not f.name.startswith("_") and f.name not in self.speed_only_fields
+                and not (f.name in self.omit_at_default and getattr(self, f.name) == f.default)}
 
     def synthesize(self, teacher: Teacher, num_samples: int, *, seed: int = 0, batch_size: int = 32,
                    progress: bool = True, workdir: Path | None = None) -> CalibrationSet:
@@ -45,9 +49,14 @@ class Synthesizer:
         """Context in which ``optimize_batch`` runs (e.g. a channels-last teacher); none by default."""
         return contextlib.nullcontext()
 
+    def session(self, teacher: Teacher, seed: int) -> contextlib.AbstractContextManager:
+        """Everything ``optimize_batch`` needs set up for one run (layout, per-run state, students)."""
+        return self.teacher_layout(teacher)
+
     # -- helpers -------------------------------------------------------------------------------
     def finish(self, teacher: Teacher, images: torch.Tensor, seed: int, batch_size: int,
-               labels: torch.Tensor | None = None, extra: dict[str, Any] | None = None) -> CalibrationSet:
+               labels: torch.Tensor | None = None, extra: dict[str, Any] | None = None,
+               metadata: dict[str, torch.Tensor] | None = None) -> CalibrationSet:
         soft = teacher_soft_labels(teacher, images)
         entropy = -(soft.clamp_min(1e-12).log() * soft).sum(1)
         from .. import __version__
@@ -58,12 +67,23 @@ class Synthesizer:
                     "input_spec": teacher.spec.to_dict(), **(extra or {})}
         return CalibrationSet(images.contiguous(), batch_size,
                               labels=soft.argmax(1) if labels is None else labels,
-                              soft_labels=soft, metadata={"difficulty": entropy}, manifest=manifest)
+                              soft_labels=soft, metadata={"difficulty": entropy, **(metadata or {})},
+                              manifest=manifest)
 
 
 @torch.no_grad()
 def teacher_soft_labels(teacher: Teacher, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     return torch.cat([teacher(images[i:i + chunk]).softmax(1) for i in range(0, images.shape[0], chunk)])
+
+
+@torch.no_grad()
+def teacher_features(teacher: Teacher, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The classifier's input features (pooled penultimate activations) of ``images``."""
+    store: list[torch.Tensor] = []
+    with teacher.penultimate_features(store):
+        for i in range(0, images.shape[0], chunk):
+            teacher(images[i:i + chunk])
+    return torch.cat(store).flatten(1)
 
 
 def seeded_generator(seed: int, salt: int = 0) -> torch.Generator:
@@ -76,9 +96,12 @@ def batches_of(num_samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def resumable_batches(sizes: list[int], workdir: Path | None,
-                      make: Callable[[int, int], torch.Tensor]) -> list[torch.Tensor]:
+def resumable_batches(sizes: list[int], workdir: Path | None, make: Callable[[int, int], torch.Tensor],
+                      after: Callable[[int, torch.Tensor, bool], None] | None = None) -> list[torch.Tensor]:
     """Run ``make(index, size)`` per batch, keeping finished batches in ``workdir``.
+
+    ``after(index, images, resumed)`` runs on every batch in order, made or resumed, so state
+    carried across batches (a class-centre memory) is rebuilt identically on resume.
 
     Each finished batch is written atomically, so an interrupted run resumes where it stopped
     and never reads half a batch.
@@ -95,6 +118,8 @@ def resumable_batches(sizes: list[int], workdir: Path | None,
                 t = load_file(str(path))["images"]
                 if t.shape[0] == size:
                     out.append(t)
+                    if after is not None:
+                        after(i, t, True)
                     continue
             except Exception:
                 path.unlink(missing_ok=True)  # unreadable leftover: redo that batch
@@ -102,7 +127,10 @@ def resumable_batches(sizes: list[int], workdir: Path | None,
         if path is not None:
             atomic_write(path, lambda p, t=images: save_file({"images": t}, str(p)))
         out.append(images)
+        if after is not None:
+            after(i, images, False)
     return out
 
 
-__all__ = ["Synthesizer", "batches_of", "resumable_batches", "seeded_generator", "teacher_soft_labels"]
+__all__ = ["Synthesizer", "batches_of", "resumable_batches", "seeded_generator", "teacher_features",
+           "teacher_soft_labels"]

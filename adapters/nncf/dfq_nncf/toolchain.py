@@ -50,6 +50,22 @@ def advanced_parameters_for(scheme: QuantScheme, **overrides: Any) -> Any:
                                           activations_quantization_params=acts, **overrides)
 
 
+# Ops whose inputs NNCF's NPU hardware config only quantizes at 8 bits: below 8-bit activations
+# their input quantizer is left out (the op runs on what the previous quantizer produced).
+EIGHT_BIT_ONLY_OPS = ("adaptive_avg_pool2d", "avg_pool2d")
+
+
+def with_pooling_ignored(ignored_scope: Any = None) -> Any:
+    """The user's ignored scope plus the pooling ops NNCF cannot quantize below 8 bits."""
+    import nncf
+
+    if ignored_scope is None:
+        return nncf.IgnoredScope(types=list(EIGHT_BIT_ONLY_OPS), validate=False)
+    types = list(dict.fromkeys([*ignored_scope.types, *EIGHT_BIT_ONLY_OPS]))
+    return nncf.IgnoredScope(names=ignored_scope.names, patterns=ignored_scope.patterns, types=types,
+                             subgraphs=ignored_scope.subgraphs, validate=False)
+
+
 @dataclass
 class _Pending:
     model: nn.Module
@@ -104,6 +120,8 @@ class NNCFToolchain(Toolchain):
         kwargs.setdefault("advanced_parameters", advanced_parameters_for(prepared.scheme))
         if min(prepared.scheme.weight_bits, prepared.scheme.act_bits) < 8:
             kwargs.setdefault("target_device", nncf.TargetDevice.NPU)  # the HW config that allows 4-bit
+        if prepared.scheme.act_bits < 8:
+            kwargs["ignored_scope"] = with_pooling_ignored(kwargs.get("ignored_scope"))
         try:
             quantized = nncf.quantize(prepared.model, calibration_set.as_nncf(), **kwargs)
         except ValueError as exc:
