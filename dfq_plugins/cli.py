@@ -115,6 +115,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchPlan, markdown_table, run_bench
+    from .bench.report import pivot_table
 
     s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json",
                          "md", "test_limit"])
@@ -126,7 +127,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     json_path = Path(s["json"]) if s.get("json") else None
     records = run_bench(plan, json_path, progress=not args.quiet)
-    table = markdown_table([r for r in records if r["model"] == plan.model])
+    mine = [r for r in records if r["model"] == plan.model]
+    table = markdown_table(mine) + "\n\nMean top-1 (min-max over seeds) per source:\n\n" + pivot_table(mine)
     print(table)
     md = s.get("md") or (json_path.with_suffix(".md") if json_path else None)
     if md:
@@ -156,8 +158,14 @@ def cmd_speed(args: argparse.Namespace) -> int:
         rows.append(row)
         print(f"{name}: {row['images_x_iterations_per_s']} images x iterations/s, floor (bare forward+backward) "
               f"{row['floor_images_x_iterations_per_s']}, ratio {row['ratio_to_floor']}")
+    if rows:
+        from .bench.report import speed_table
+
+        print(speed_table(rows))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps({"speed": rows}, indent=1))
+        if rows:
+            atomic_write_text(Path(args.json).with_suffix(".md"), speed_table(rows) + "\n")
     return 0
 
 

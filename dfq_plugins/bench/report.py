@@ -28,3 +28,36 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 def _source_order(source: str) -> tuple[int, str]:
     return ({"real": 0, "noise": 1}.get(source, 2), source)
+
+
+def pivot_table(records: list[dict[str, Any]]) -> str:
+    """One row per (model, toolchain, scheme, distill), one column per source: mean (min-max) top-1."""
+    sources = sorted({r["source"] for r in records}, key=_source_order)
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        cells[(r["model"], r["toolchain"], r["scheme"], r.get("distill") or "")][r["source"]].append(r["top1"])
+    lines = ["| model | toolchain | scheme | " + " | ".join(sources) + " |",
+             "|---|---|---|" + "---|" * len(sources)]
+    for key in sorted(cells):
+        row = []
+        for src in sources:
+            tops = cells[key].get(src)
+            if not tops:
+                row.append("")
+            elif len(tops) == 1:
+                row.append(f"{tops[0]:.2f}")
+            else:
+                row.append(f"{statistics.mean(tops):.2f} ({min(tops):.2f}-{max(tops):.2f})")
+        scheme = key[2] + (f" +{key[3]}" if key[3] else "")
+        lines.append(f"| {key[0]} | {key[1]} | {scheme} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | method | batch | iterations | images x iterations / s | floor (bare fwd+bwd) | ratio to floor |"
+             " channels-last |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['iterations']} | "
+                     f"{r['images_x_iterations_per_s']} | {r['floor_images_x_iterations_per_s']} | "
+                     f"{r['ratio_to_floor']} | {r['channels_last']} |")
+    return "\n".join(lines)
