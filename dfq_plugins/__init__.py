@@ -7,5 +7,15 @@ from .spec import InputSpec
 from .teacher import Teacher
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationSet", "InputSpec", "LayerBits", "QuantScheme", "Teacher", "evaluate", "hookimpl",
-           "quantize", "synthesize", "__version__"]
+__all__ = [
+           "CalibrationSet",
+           "InputSpec",
+           "LayerBits",
+           "QuantScheme",
+           "Teacher",
+           "__version__",
+           "evaluate",
+           "hookimpl",
+           "quantize",
+           "synthesize",
+]

@@ -17,7 +17,6 @@ from .spec import InputSpec
 from .teacher import Teacher, borrowed_teacher
 
 
-
 def resolve_model(model: nn.Module | str, input_spec: InputSpec | None) -> tuple[nn.Module, InputSpec]:
     """A model name from the model plugins, or a module plus its (required) InputSpec."""
     if isinstance(model, str):

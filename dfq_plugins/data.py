@@ -8,9 +8,10 @@ header; no pickle, so a shared set cannot run code) plus a human-readable JSON c
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
@@ -90,7 +91,7 @@ class CalibrationSet:
                 None if self.soft_labels is None else self.soft_labels[s],
             )
 
-    def with_batch_size(self, batch_size: int) -> "CalibrationSet":
+    def with_batch_size(self, batch_size: int) -> CalibrationSet:
         return CalibrationSet(self.inputs, batch_size, self.labels, self.soft_labels, dict(self.metadata),
                               dict(self.manifest))
 
@@ -142,7 +143,7 @@ class CalibrationSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, verify: bool = True) -> "CalibrationSet":
+    def load(cls, path: str | Path, *, verify: bool = True) -> CalibrationSet:
         """Read a saved set; with ``verify`` the content hash must match or we refuse it."""
         path = Path(path)
         if not path.exists():

@@ -39,7 +39,7 @@ class DiffusionLevels:
 
     @classmethod
     def attach(cls, cs: CalibrationSet, *, num_levels: int, beta_start: float = 1e-4, beta_end: float = 0.02,
-               schedule_steps: int = 79, mode: str = "fixed", noise_seed: int = 0) -> "DiffusionLevels":
+               schedule_steps: int = 79, mode: str = "fixed", noise_seed: int = 0) -> DiffusionLevels:
         """Record the levels in ``cs`` (manifest, and the noise itself in ``fixed`` mode)."""
         if mode not in NOISE_MODES:
             raise ValueError(f"diffusion noise mode {mode!r}; choose one of {NOISE_MODES}")
@@ -53,7 +53,7 @@ class DiffusionLevels:
         return cls(cs, abar, mode, noise_seed)
 
     @classmethod
-    def of(cls, cs: CalibrationSet) -> "DiffusionLevels":
+    def of(cls, cs: CalibrationSet) -> DiffusionLevels:
         """The levels a (possibly reloaded) calibration set carries; a clear error if none."""
         info: dict[str, Any] | None = cs.manifest.get("diffusion")
         if info is None:
@@ -96,4 +96,4 @@ class DiffusionLevels:
                               soft_labels=self.clean.soft_labels, metadata=meta, manifest=manifest)
 
 
-__all__ = ["DiffusionLevels", "NOISE_MODES", "linear_alphas_bar"]
+__all__ = ["NOISE_MODES", "DiffusionLevels", "linear_alphas_bar"]

@@ -5,7 +5,8 @@ so one distribution can add several synthesizers, toolchains, models or distille
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -51,4 +52,4 @@ HOOK_KINDS: dict[str, str] = {
     "models": "dfq_register_models",
 }
 
-__all__ = ["hookspec", "hookimpl", "HOOK_KINDS", "PROJECT", "Any"]
+__all__ = ["HOOK_KINDS", "PROJECT", "Any", "hookimpl", "hookspec"]

@@ -11,8 +11,9 @@ import difflib
 import importlib.metadata as md
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

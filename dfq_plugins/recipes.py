@@ -37,7 +37,15 @@ def apply_overrides(source_configs: dict[str, dict[str, Any]], assignments: list
         source, dot, field = key.partition(".")
         if not sep or not dot or not field:
             raise ValueError(f"--set expects SOURCE.KEY=VALUE (e.g. zeroq.iterations=100), got {item!r}")
-        source_configs.setdefault(source.strip(), {})[field.strip()] = parse_value(value.strip())
+        target = source_configs.setdefault(source.strip(), {})
+        *parents, leaf = [part.strip() for part in field.split(".")]
+        for parent in parents:  # diffdfq.base.iterations=100 -> {"base": {"iterations": 100}}
+            node = target.get(parent)
+            if isinstance(node, str):  # base = "intraq" given as a bare name
+                node = {"name": node}
+            target[parent] = node = dict(node or {})
+            target = node
+        target[leaf] = parse_value(value.strip())
 
 
 def split_list(value: Any) -> list[str]:

@@ -75,7 +75,7 @@ class QuantScheme:
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantScheme":
+    def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
         d = dict(d)
         base = cls.parse(d.pop("name")) if "name" in d else cls()
         for key in ("first_layer", "last_layer"):
@@ -87,7 +87,7 @@ class QuantScheme:
         return replace(base, **d)
 
     @classmethod
-    def parse(cls, value: "str | dict[str, Any] | QuantScheme") -> "QuantScheme":
+    def parse(cls, value: str | dict[str, Any] | QuantScheme) -> QuantScheme:
         """Accept ``"w4a8"``, a dict (TOML table) or a QuantScheme."""
         if isinstance(value, QuantScheme):
             return value

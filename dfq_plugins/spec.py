@@ -64,7 +64,7 @@ class InputSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         return cls(
             shape=tuple(d["shape"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
             num_classes=int(d["num_classes"]), pixel_range=tuple(d.get("pixel_range", (0.0, 1.0))),

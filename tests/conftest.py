@@ -16,7 +16,7 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(2)
 
-from dfq_plugins.spec import InputSpec  # noqa: E402
+from dfq_plugins.spec import InputSpec
 
 TINY_SPEC = InputSpec(shape=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=4)
 

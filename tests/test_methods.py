@@ -121,3 +121,12 @@ def test_published_recipes_build_every_method(recipe):
     for name, config in sources.items():
         s = make_synthesizer({"name": name, **config})
         assert s.iterations >= 500 and getattr(s, "clip", False) is False, name
+
+
+def test_set_reaches_a_wrapped_sources_base():
+    from dfq_plugins.recipes import apply_overrides
+
+    configs = {"diffdfq": {"base": {"name": "intraq", "lr": 0.5}}}
+    apply_overrides(configs, ["diffdfq.base.iterations=7", "diffdfq.num_levels=4"])
+    s = make_synthesizer({"name": "diffdfq", **configs["diffdfq"]})
+    assert s.iterations == 7 and s.num_levels == 4 and s.config_dict()["base"]["lr"] == 0.5

@@ -101,9 +101,10 @@ def test_model_recipes_fill_in_source_defaults():
 
 def test_pt2e_annotates_every_conv_of_efficientnet_lite0():
     """Regression: a Conv2d subclass hid Lite0's convs from X86InductorQuantizer (2 observers in all)."""
-    from dfq_plugins import QuantScheme
     from dfq_torch_ao.pt2e import export_dynamic_batch, quantizer_for
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from dfq_plugins import QuantScheme
 
     model, spec = plugins.get("models", "efficientnet-lite0").obj.load()
     gm = export_dynamic_batch(model, (torch.zeros(2, *spec.shape),))

@@ -7,8 +7,17 @@ import torch
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.diffusion import DiffusionLevels, linear_alphas_bar
 from dfq_plugins.synthesizers.augment import SynthesisAugment
-from dfq_plugins.synthesizers.bn_stats import BNStatsLoss, BNStatsRecorder, LayerStats, running_targets
-from dfq_plugins.synthesizers.labels import class_similarity, similar_class_targets, target_probability_targets
+from dfq_plugins.synthesizers.bn_stats import (
+    BNStatsLoss,
+    BNStatsRecorder,
+    LayerStats,
+    running_targets,
+)
+from dfq_plugins.synthesizers.labels import (
+    class_similarity,
+    similar_class_targets,
+    target_probability_targets,
+)
 from dfq_plugins.synthesizers.memory import ClassCentreMemory, cosine_hinge
 from dfq_plugins.teacher import Teacher
 

@@ -144,3 +144,25 @@ def test_pt2e_warns_when_its_quantizer_skips_layers():
     model.conv1 = PaddedConv(3, 8, 3, padding=1, bias=False)
     with pytest.warns(UserWarning, match="left 1 of 3 conv/linear layers unquantized"):
         make_toolchain("torchao-pt2e").prepare(model, QuantScheme.parse("w8a8"), (torch.randn(2, *TINY_SPEC.shape),))
+
+
+@pytest.mark.parametrize("name", ["torch-ao-fx", "torchao-pt2e"])
+def test_input_range_from_the_spec_pins_the_input_quantizer(name):
+    """Images covering a sliver of the valid range would leave the input quantizer that narrow."""
+    noise = dfq_plugins.synthesize(make_tiny(), "noise", input_spec=TINY_SPEC, num_samples=16, cache=False)
+    narrow = CalibrationSet(noise.images * 0.1, 8, manifest=noise.manifest)
+    lo, hi = float(TINY_SPEC.bounds()[0].min()), float(TINY_SPEC.bounds()[1].max())
+
+    def input_ranges(input_range: str) -> list[tuple[float, float]]:
+        tc = make_toolchain({"name": name, "input_range": input_range})
+        prepared = tc.calibrate(tc.prepare(make_tiny(), QuantScheme.parse("w8a8"), (narrow[0],)), narrow)
+        readers = [prepared.get_submodule(n.target) for n in prepared.graph.nodes
+                   if n.op == "call_module" and n.args and getattr(n.args[0], "op", None) == "placeholder"]
+        return [(float(m.min_val), float(m.max_val)) for m in readers if hasattr(m, "min_val")]
+
+    data, spec = input_ranges("data"), input_ranges("spec")
+    assert data and max(abs(v) for r in data for v in r) < 0.5
+    assert spec == [(pytest.approx(lo), pytest.approx(hi))] * len(spec) and len(spec) == len(data)
+    with pytest.raises(ValueError, match="InputSpec"):
+        make_toolchain({"name": name, "input_range": "spec"}).quantize(make_tiny(), QuantScheme.parse("w8a8"),
+                                                                       CalibrationSet(torch.randn(8, 3, 16, 16), 8))

@@ -1,8 +1,9 @@
 """What a model plugin registers: a loader plus, optionally, its real test set and real-data pool."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

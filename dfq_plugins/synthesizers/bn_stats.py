@@ -8,8 +8,8 @@ over (H, W) (ZeroQ's original). They work on the teacher and on a fake-quantized
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class BNStatsRecorder:
         self.stats.append(LayerStats(mean, spread))
 
     @contextlib.contextmanager
-    def record(self) -> Iterator["BNStatsRecorder"]:
+    def record(self) -> Iterator[BNStatsRecorder]:
         self.stats = []
         handles = [m.register_forward_pre_hook(lambda _m, args: self._capture(args[0])) for m in self.modules]
         try:

@@ -16,7 +16,13 @@ import torch
 
 from ..teacher import Teacher
 from .base import seeded_generator
-from .labels import SIMILARITIES, SPREADS, Targets, class_similarity, similar_class_targets
+from .labels import (
+    SIMILARITIES,
+    SPREADS,
+    Targets,
+    class_similarity,
+    similar_class_targets,
+)
 from .optimizing import OptimizingSynthesizer
 
 LABEL_SALT = 300_007

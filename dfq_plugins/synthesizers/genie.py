@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..teacher import Teacher
-from .optimizing import OptimizingSynthesizer, make_optimizer, make_scheduler, step_scheduler
+from .optimizing import (
+    OptimizingSynthesizer,
+    make_optimizer,
+    make_scheduler,
+    step_scheduler,
+)
 
 
 class GenieGenerator(nn.Module):
@@ -44,7 +49,7 @@ class GenieGenerator(nn.Module):
 class GeneratorCanvas:
     """A generator and its latent batch are the parameters; the images are G(z)."""
 
-    def __init__(self, synth: "GenieSynthesizer", shape: tuple[int, int, int], n: int, g: torch.Generator,
+    def __init__(self, synth: GenieSynthesizer, shape: tuple[int, int, int], n: int, g: torch.Generator,
                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         with torch.random.fork_rng(devices=[]):  # a reproducible init that leaves the global RNG alone
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=g)))

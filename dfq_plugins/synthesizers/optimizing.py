@@ -23,8 +23,14 @@ from ..errors import MissingBatchNormError
 from ..progress import progress_bar
 from ..teacher import Teacher
 from .augment import SynthesisAugment
-from .bn_stats import BNStatsLoss, BNStatsRecorder, batchnorm_modules, detached, running_targets
 from .base import Synthesizer, batches_of, resumable_batches, seeded_generator
+from .bn_stats import (
+    BNStatsLoss,
+    BNStatsRecorder,
+    batchnorm_modules,
+    detached,
+    running_targets,
+)
 from .labels import Targets
 
 INITS = ("gaussian", "diverse")
@@ -59,7 +65,7 @@ def step_scheduler(sched: Any, loss: torch.Tensor) -> None:
 class PixelCanvas:
     """The images themselves are the parameters (clamped to valid pixels after every step)."""
 
-    def __init__(self, x: torch.Tensor, synth: "OptimizingSynthesizer", bounds: tuple | None) -> None:
+    def __init__(self, x: torch.Tensor, synth: OptimizingSynthesizer, bounds: tuple | None) -> None:
         self.x = x.requires_grad_(True)
         self.opt = make_optimizer(synth.optimizer, [self.x], synth.lr)
         self.sched = make_scheduler(synth.scheduler, self.opt, synth.iterations, synth.plateau_patience,

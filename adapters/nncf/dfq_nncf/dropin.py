@@ -7,7 +7,7 @@ from torch import nn
 
 from dfq_plugins.spec import InputSpec
 
-from .toolchain import configure_extension_build, needs_wrapping, _CallWrapper
+from .toolchain import _CallWrapper, configure_extension_build, needs_wrapping
 
 
 def calibration_dataset(model: nn.Module, source: str | dict[str, Any] = "zeroq", *, input_spec: InputSpec,

@@ -10,7 +10,15 @@ from torch import nn
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
 from dfq_plugins.scheme import QuantScheme
-from dfq_plugins.toolchain import Toolchain, first_and_last_layers, private_copy, run_calibration
+from dfq_plugins.toolchain import (
+    INPUT_RANGES,
+    Toolchain,
+    first_and_last_layers,
+    input_bounds_of,
+    pin_input_observers,
+    private_copy,
+    run_calibration,
+)
 
 TRACEABLE_ELSEWHERE = "torchao-pt2e (torch.export) and nncf"
 
@@ -19,7 +27,9 @@ def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.fake_quantize import FakeQuantize
     from torch.ao.quantization.observer import (
-        MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
         PerChannelMinMaxObserver,
     )
 
@@ -63,6 +73,13 @@ class FxToolchain(Toolchain):
 
     name = "torch-ao-fx"
 
+    def __init__(self, input_range: str = "data") -> None:
+        """``input_range="spec"`` sets the input quantizer to the InputSpec's valid pixel range
+        instead of the range the calibration images happen to cover."""
+        if input_range not in INPUT_RANGES:
+            raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
+        self.input_range = input_range
+
     def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
                 trainable: bool = False) -> Any:
         from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
@@ -91,6 +108,8 @@ class FxToolchain(Toolchain):
         was_training = prepared.training
         prepared.eval()
         run_calibration(prepared, calibration_set)
+        if self.input_range == "spec":
+            pin_input_observers(prepared, *input_bounds_of(calibration_set))
         prepared.train(was_training)
         return prepared
 
@@ -101,7 +120,10 @@ class FxToolchain(Toolchain):
         so a 4-bit scheme converted with ``convert_fx`` silently keeps values beyond 16 levels. The
         decomposed reference model clamps to the scheme's range and is what 4 bits really give.
         """
-        from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx
+        from torch.ao.quantization.quantize_fx import (
+            _convert_to_reference_decomposed_fx,
+            convert_fx,
+        )
 
         narrow = getattr(prepared, "_dfq_narrow_bits", True)
         with warnings.catch_warnings():

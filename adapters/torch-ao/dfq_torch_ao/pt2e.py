@@ -11,15 +11,27 @@ from torch import nn
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
 from dfq_plugins.scheme import QuantScheme
-from dfq_plugins.toolchain import Toolchain, first_and_last_layers, private_copy, run_calibration
+from dfq_plugins.toolchain import (
+    INPUT_RANGES,
+    Toolchain,
+    first_and_last_layers,
+    input_bounds_of,
+    pin_input_observers,
+    private_copy,
+    run_calibration,
+)
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CPU: skip noisy CUDA .so probing
 
 
 def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, observer: str):
     from torchao.quantization.pt2e import (
-        FakeQuantize, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
+        FakeQuantize,
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
     )
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
@@ -51,7 +63,9 @@ def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, observ
 
 def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False, observer: str = "minmax"):
     """An X86InductorQuantizer whose global and first/last-layer configs follow the scheme."""
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+    )
 
     q = X86InductorQuantizer()
     q.set_global(_config(scheme, scheme.weight_bits, scheme.act_bits, trainable, observer))
@@ -106,14 +120,20 @@ class PT2EToolchain(Toolchain):
 
     name = "torchao-pt2e"
 
-    def __init__(self, observer: str = "minmax") -> None:
+    def __init__(self, observer: str = "minmax", input_range: str = "data") -> None:
         if observer not in ("minmax", "histogram"):
             raise ValueError(f"observer must be 'minmax' or 'histogram', got {observer!r}")
+        if input_range not in INPUT_RANGES:
+            raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
         self.observer = observer
+        self.input_range = input_range
 
     def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
                 trainable: bool = False) -> Any:
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+        from torchao.quantization.pt2e.quantize_pt2e import (
+            prepare_pt2e,
+            prepare_qat_pt2e,
+        )
 
         self.check_scheme(scheme)
         m = private_copy(model, trainable)
@@ -134,6 +154,8 @@ class PT2EToolchain(Toolchain):
 
         move_exported_model_to_eval(prepared)
         run_calibration(prepared, calibration_set)
+        if self.input_range == "spec":
+            pin_input_observers(prepared, *input_bounds_of(calibration_set))
         return prepared
 
     def convert(self, prepared: Any) -> nn.Module:
