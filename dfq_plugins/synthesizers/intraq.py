@@ -48,7 +48,9 @@ class IntraQSynthesizer(OptimizingSynthesizer):
         p_target = logits.softmax(1).gather(1, targets.labels.unsqueeze(1)).squeeze(1)
         terms = {"target": self.target_weight * (p_target - targets.target_prob).pow(2).mean()}
         if self.hinge_weight and features is not None:
-            centres, known = self.memory.centres(targets.labels)
+            if getattr(self, "_centres_of", (None,))[0] is not targets:  # once per batch, not per step
+                self._centres_of = (targets, *self.memory.centres(targets.labels))
+            _, centres, known = self._centres_of
             terms["hinge"] = self.hinge_weight * cosine_hinge(features, centres, known, self.m_low, self.m_up)
         return terms
 
