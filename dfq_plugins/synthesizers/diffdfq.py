@@ -45,16 +45,19 @@ class DiffDFQSynthesizer(Synthesizer):
         self.needs_batchnorm = getattr(self._base, "needs_batchnorm", False)
 
     def base_synthesizer(self) -> Any:
+        """The wrapped source, with the quantization-aware term handed to it when that is on."""
+        import dataclasses
+
         from ..api import make_synthesizer
 
-        config = dict(self.base)
-        if self.qaware_weight:
-            if not hasattr(type(make_synthesizer(config)), "qaware_weight"):
-                raise ValueError(f"diffdfq's quantization-aware term needs an optimising base, not "
-                                 f"{config['name']!r}; set qaware_weight=0")
-            config.update(qaware_toolchain=self.qaware_toolchain, qaware_scheme=self.qaware_scheme,
-                          qaware_weight=self.qaware_weight, qaware_every=self.qaware_every)
-        return make_synthesizer(config)
+        base = make_synthesizer(dict(self.base))
+        if not self.qaware_weight:
+            return base
+        if not hasattr(base, "qaware_weight"):
+            raise ValueError(f"diffdfq's quantization-aware term needs an optimising base, not "
+                             f"{base.name!r}; set qaware_weight=0")
+        return dataclasses.replace(base, qaware_toolchain=self.qaware_toolchain, qaware_scheme=self.qaware_scheme,
+                                   qaware_weight=self.qaware_weight, qaware_every=self.qaware_every)
 
     def config_dict(self) -> dict[str, Any]:
         d = super().config_dict()
