@@ -1,5 +1,5 @@
 """dfq-plugins: data-free calibration for the quantization toolchains people already use."""
-from .api import evaluate, quantize, synthesize
+from .api import distill, evaluate, quantize, synthesize
 from .data import CalibrationSet
 from .hookspecs import hookimpl
 from .scheme import LayerBits, QuantScheme
@@ -14,6 +14,7 @@ __all__ = [
            "QuantScheme",
            "Teacher",
            "__version__",
+           "distill",
            "evaluate",
            "hookimpl",
            "quantize",

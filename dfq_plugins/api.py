@@ -79,19 +79,76 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
 def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch-ao-fx",
              source: str | dict[str, Any] | CalibrationSet = "zeroq", scheme: str | dict | QuantScheme = "w8a8",
              input_spec: InputSpec | None = None, num_samples: int = 256, batch_size: int = 32, seed: int = 0,
-             data: Any = None, trainable: bool = False, cache: bool = True, progress: bool = True) -> nn.Module:
+             data: Any = None, distill: str | dict[str, Any] | None = None, steps: int | None = None,
+             trainable: bool = False, cache: bool = True, progress: bool = True) -> nn.Module:
     """Data-free quantization in one call; returns the toolchain's own quantized model.
 
-    ``trainable=True`` returns the calibrated fake-quant student instead of the converted model.
+    ``distill="kd"`` (or ``adadfq``, ``causal``, ``diffdfq``, or a config table) fine-tunes the
+    calibrated student against the FP model for ``steps`` steps before converting it.
+    ``trainable=True`` returns the calibrated (and distilled) fake-quant student instead.
     """
     model, spec = resolve_model(model, input_spec)
     q_scheme = QuantScheme.parse(scheme)
     chain = make_toolchain(toolchain)
     chain.check_scheme(q_scheme)  # fail before spending minutes on synthesis
+    distiller = make_distiller(distill, steps) if distill is not None else None
     cs = source if isinstance(source, CalibrationSet) else synthesize(
         model, source, input_spec=spec, num_samples=num_samples, batch_size=batch_size, seed=seed, data=data,
         cache=cache, progress=progress)
-    return chain.quantize(model, q_scheme, cs, trainable=trainable)
+    if distiller is None:
+        return chain.quantize(model, q_scheme, cs, trainable=trainable)
+    student = chain.quantize(model, q_scheme, cs, trainable=True)
+    student = run_distiller(distiller, model, spec, student, cs, chain, q_scheme, seed=seed, cache=cache,
+                            progress=progress)
+    return student if trainable else chain.convert(student)
+
+
+def make_distiller(distill: str | dict[str, Any], steps: int | None = None) -> Any:
+    """``"kd"`` or ``{"name": "kd", "lr": 0.01, ...}`` -> a configured distiller (``steps`` overrides)."""
+    if isinstance(distill, dict):
+        config = dict(distill)
+        name = config.pop("name", None)
+        if not name:
+            raise ValueError(f"a distiller given as a table needs a 'name' key, got {sorted(distill)}")
+    else:
+        name, config = distill, {}
+    if steps is not None:
+        config["steps"] = steps
+    return plugins.instantiate("distillers", name, config)
+
+
+def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: QuantScheme,
+                    cs: CalibrationSet | None, seed: int) -> tuple[Path, str]:
+    """Where a run's checkpoints live, and the key that identifies the run."""
+    key = short_hash({"teacher": teacher.fingerprint(), "distiller": distiller.name, "version": distiller.version,
+                      "config": distiller.config_dict(), "toolchain": toolchain.name,
+                      "toolchain_config": {k: v for k, v in vars(toolchain).items() if not k.startswith("_")},
+                      "scheme": scheme.name, "data": None if cs is None else cs.content_hash(), "seed": seed})
+    return cache_root() / "distill" / f"{distiller.name}-{key}", key
+
+
+def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn.Module,
+                  cs: CalibrationSet | None, toolchain: Any, scheme: QuantScheme, *, seed: int = 0,
+                  cache: bool = True, progress: bool = True) -> nn.Module:
+    """Fine-tune ``student`` with ``distiller``; cached runs resume from their last checkpoint."""
+    with borrowed_teacher(model, spec) as teacher:
+        workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed)
+        return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
+                                 workdir=workdir if cache else None, key=key)
+
+
+def distill(model: nn.Module | str, student: nn.Module, source: CalibrationSet | None = None, *,
+            distiller: str | dict[str, Any] = "kd", toolchain: str | dict[str, Any] = "torch-ao-fx",
+            scheme: str | dict | QuantScheme = "w8a8", input_spec: InputSpec | None = None, steps: int | None = None,
+            seed: int = 0, cache: bool = True, progress: bool = True) -> nn.Module:
+    """Fine-tune a trainable student (``quantize(..., trainable=True)``) against ``model``.
+
+    ``toolchain`` and ``scheme`` must be the ones the student was prepared with: the loop uses
+    the toolchain's own switches (observers, eval mode), and both are part of the cache key.
+    """
+    model, spec = resolve_model(model, input_spec)
+    return run_distiller(make_distiller(distiller, steps), model, spec, student, source, make_toolchain(toolchain),
+                         QuantScheme.parse(scheme), seed=seed, cache=cache, progress=progress)
 
 
 def make_toolchain(toolchain: str | dict[str, Any]) -> Any:

@@ -31,7 +31,9 @@ def _settings(args: argparse.Namespace, keys: list[str]) -> dict[str, Any]:
     for k, v in recipe.get("sources", {}).items():
         merged["sources"].setdefault(k, {}).update(v)
     merged["toolchains"] = {k: dict(v) for k, v in recipe.get("toolchains", {}).items()}
+    merged["distillers"] = {k: dict(v) for k, v in recipe.get("distillers", {}).items()}
     apply_overrides(merged["sources"], getattr(args, "set", None) or [])
+    apply_overrides(merged["distillers"], getattr(args, "distill_set", None) or [])
     return merged
 
 
@@ -115,20 +117,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchPlan, markdown_table, run_bench
-    from .bench.report import pivot_table
+    from .bench.harness import parse_pairs
+    from .bench.report import distill_table, pivot_table
 
     s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json",
-                         "md", "test_limit"])
+                         "md", "test_limit", "distill", "steps", "rows", "row_seeds"])
+    rows = split_list(s.get("rows"))
     plan = BenchPlan(
         model=s["model"], toolchains=split_list(s["toolchain"]), schemes=split_list(s["scheme"]),
         sources=split_list(s["source"]), images=int(s["images"]),
         seeds=[int(v) for v in split_list(s.get("seeds", "0"))], batch_size=int(s["batch_size"]),
         source_configs=s["sources"], toolchain_configs=s["toolchains"], test_limit=s.get("test_limit"),
+        distills=[d or None for d in split_list(s.get("distill"))] or [None], distill_configs=s["distillers"],
+        distill_steps=int(s["steps"]) if s.get("steps") else None, pairs=parse_pairs(rows) if rows else None,
+        distill_seeds={k: [int(v) for v in split_list(v)] for k, v in (s.get("row_seeds") or {}).items()},
     )
     json_path = Path(s["json"]) if s.get("json") else None
     records = run_bench(plan, json_path, progress=not args.quiet)
     mine = [r for r in records if r["model"] == plan.model]
     table = markdown_table(mine) + "\n\nMean top-1 (min-max over seeds) per source:\n\n" + pivot_table(mine)
+    if any(r.get("distill") for r in mine):
+        table += "\n\nFine-tuned rows (top-1 after calibration only, then after distillation):\n\n" + \
+            distill_table(mine)
     print(table)
     md = s.get("md") or (json_path.with_suffix(".md") if json_path else None)
     if md:
@@ -211,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="JSON file of records (resumed if it exists)")
     sp.add_argument("--md", help="Markdown table output (default: beside --json)")
     sp.add_argument("--test-limit", dest="test_limit", type=int, help="evaluate on the first N test images only")
+    sp.add_argument("--distill", help="comma-separated distillers to fine-tune each source's student with "
+                                      "(kd, adadfq, causal, diffdfq)")
+    sp.add_argument("--steps", type=int, help="fine-tuning steps for every distiller (one budget for all rows)")
+    sp.add_argument("--rows", help="explicit SOURCE[+DISTILLER] rows, e.g. real+kd,noise+adadfq,zeroq")
+    sp.add_argument("--distill-set", dest="distill_set", action="append", metavar="DISTILLER.KEY=VALUE",
+                    help="distiller option, e.g. kd.lr=0.001 (repeatable; recipes: [distillers.NAME])")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("speed", help="synthesis speed against a bare forward+backward of the teacher")

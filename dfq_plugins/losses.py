@@ -48,3 +48,33 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     elif x.dim() != 4:
         x = x.flatten(2)[..., None]
     return _ChannelStats.apply(x)
+
+
+# --- distillation losses -----------------------------------------------------------------------
+KD_REDUCTIONS = ("mean", "batchmean")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0,
+            reduction: str = "batchmean") -> torch.Tensor:
+    """T^2 KL(p_teacher^T || p_student^T).
+
+    ``reduction="mean"`` is GDFQ's (PyTorch's default, divides by batch x classes: C times weaker);
+    ``batchmean`` is IntraQ/HAST/DiffDFQ's textbook KD. Both exist in published recipes.
+    """
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"KD reduction {reduction!r}; choose one of {KD_REDUCTIONS}")
+    t = temperature
+    log_q = torch.log_softmax(student_logits / t, dim=1)
+    p = torch.softmax(teacher_logits.detach() / t, dim=1)
+    return torch.nn.functional.kl_div(log_q, p, reduction=reduction) * t * t
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy (nats) of softmax(logits)."""
+    log_p = torch.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a probability target (rows sum to 1)."""
+    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()

@@ -36,12 +36,57 @@ class Toolchain:
     def convert(self, prepared: Any) -> nn.Module:
         raise NotImplementedError
 
+    # -- what the distillers need from a trainable student -----------------------------------
+    def student_eval(self, student: Any) -> Any:
+        """Fine-tuning mode of the GDFQ family: BN on running statistics, fake-quant still active."""
+        return student.eval()
+
+    def set_observers(self, student: Any, enabled: bool) -> int:
+        """Switch the activation range observers on or off (weights keep tracking); returns how many."""
+        count = 0
+        for name, module in activation_fake_quants(student):
+            (module.enable_observer if enabled else module.disable_observer)()
+            count += 1
+        return count
+
+    def reset_observers(self, student: Any) -> int:
+        """Forget the calibrated activation ranges, so the next observed batches set them afresh."""
+        count = 0
+        for _, module in activation_fake_quants(student):
+            observer = getattr(module, "activation_post_process", None)
+            if observer is not None and hasattr(observer, "reset_min_max_vals"):
+                observer.reset_min_max_vals()
+                count += 1
+        return count
+
+    def range_parameters(self, student: Any) -> list[nn.Parameter]:
+        """Quantizer ranges that are trainable parameters (NNCF's scales); observers have none."""
+        return []
+
     def quantize(self, model: nn.Module, scheme: QuantScheme, calibration_set: CalibrationSet, *,
                  trainable: bool = False) -> nn.Module:
         example = example_inputs_of(calibration_set)
         prepared = self.prepare(model, scheme, example, trainable=trainable)
         prepared = self.calibrate(prepared, calibration_set)
         return prepared if trainable else self.convert(prepared)
+
+
+def _weight_fake_quant_names(student: Any) -> set[str]:
+    """Names of fake-quant modules that read a weight (FX QAT modules, or get_attr inputs in a graph)."""
+    names = {n for n, _ in student.named_modules() if n.endswith("weight_fake_quant")}
+    graph = getattr(student, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "get_attr":
+                names.add(str(node.target))
+    return names
+
+
+def activation_fake_quants(student: Any) -> list[tuple[str, nn.Module]]:
+    """The fake-quant modules that quantize activations (those with observer switches)."""
+    weights = _weight_fake_quant_names(student)
+    return [(n, m) for n, m in student.named_modules()
+            if hasattr(m, "enable_observer") and hasattr(m, "disable_observer") and n not in weights]
 
 
 def example_inputs_of(cs: CalibrationSet) -> tuple:

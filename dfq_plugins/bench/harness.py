@@ -22,6 +22,7 @@ from ..scheme import QuantScheme
 
 RECORD_FIELDS = ("model", "testset", "toolchain", "scheme", "source", "distill", "images", "steps", "seed",
                  "top1", "fp_top1", "synth_seconds", "total_seconds", "peak_rss_mb")
+DISTILL_FIELDS = ("distill_steps", "distill_seconds", "top1_calibrated")
 
 
 @dataclass
@@ -37,6 +38,34 @@ class BenchPlan:
     toolchain_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     test_limit: int | None = None
     difficulty_plots: list[str] = field(default_factory=lambda: ["dynadfq"])  # sources plotted against real
+    distills: list[str | None] = field(default_factory=lambda: [None])  # None: calibration only
+    distill_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    distill_steps: int | None = None  # overrides every distiller's steps (one budget for all rows)
+    pairs: list[tuple[str, str | None]] | None = None  # explicit (source, distill) rows instead of the product
+    distill_seeds: dict[str, list[int]] = field(default_factory=dict)  # "source+distill" -> seeds for that row
+
+    def rows(self) -> list[tuple[str, str | None]]:
+        if self.pairs is not None:
+            return list(self.pairs)
+        return [(s, d) for s in self.sources for d in self.distills]
+
+    def seeds_of(self, source: str, distill: str | None) -> list[int]:
+        return self.distill_seeds.get(row_name(source, distill), self.seeds)
+
+
+def row_name(source: str, distill: str | None) -> str:
+    return source if distill is None else f"{source}+{distill}"
+
+
+def parse_pairs(items: list[str]) -> list[tuple[str, str | None]]:
+    """``["real+kd", "noise+adadfq", "zeroq"]`` -> [("real", "kd"), ("noise", "adadfq"), ("zeroq", None)]."""
+    out = []
+    for item in items:
+        source, _, distill = item.partition("+")
+        if not source.strip():
+            raise ValueError(f"a row is SOURCE or SOURCE+DISTILLER (e.g. real+kd), got {item!r}")
+        out.append((source.strip(), distill.strip() or None))
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -45,7 +74,8 @@ def peak_rss_mb() -> float:
 
 def _run_key(rec: dict[str, Any]) -> str:
     return short_hash({k: rec.get(k) for k in ("model", "testset", "toolchain", "scheme", "source", "distill",
-                                               "images", "seed", "source_config", "toolchain_config")})
+                                               "images", "seed", "source_config", "toolchain_config")}
+                      | ({"distill_config": rec["distill_config"]} if rec.get("distill") else {}))
 
 
 def load_records(path: Path | None) -> list[dict[str, Any]]:
@@ -114,20 +144,28 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
     log(f"{plan.model}: full precision top-1 {fp_top1:.2f}% on {test.name} ({len(labels)} images, "
         f"{time.perf_counter() - t0:.1f}s)")
 
-    for seed in plan.seeds:
-        for source in plan.sources:
+    from ..api import make_distiller, run_distiller
+
+    distillers = {d: make_distiller({"name": d, **plan.distill_configs.get(d, {})}, plan.distill_steps)
+                  for d in {d for _, d in plan.rows() if d is not None}}
+    seeds = list(dict.fromkeys(x for src, d in plan.rows() for x in plan.seeds_of(src, d)))
+    for seed in seeds:
+        for source in dict.fromkeys(src for src, _ in plan.rows()):
             config = dict(plan.source_configs.get(source, {}))
             synth = make_synthesizer({"name": source, **config}, data=pool)
             pending = []
-            for tname in plan.toolchains:
-                for scheme in schemes:
-                    rec = {"model": plan.model, "testset": test.name if not plan.test_limit else
-                           f"{test.name}[:{plan.test_limit}]", "toolchain": tname, "scheme": scheme.name,
-                           "source": source, "distill": None, "images": plan.images, "seed": seed,
-                           "source_config": synth.config_dict(), "toolchain_config":
-                           plan.toolchain_configs.get(tname, {})}
-                    if _run_key(rec) not in done:
-                        pending.append((tname, scheme, rec))
+            for distill in [d for src, d in plan.rows() if src == source and seed in plan.seeds_of(src, d)]:
+                for tname in plan.toolchains:
+                    for scheme in schemes:
+                        rec = {"model": plan.model, "testset": test.name if not plan.test_limit else
+                               f"{test.name}[:{plan.test_limit}]", "toolchain": tname, "scheme": scheme.name,
+                               "source": source, "distill": distill, "images": plan.images, "seed": seed,
+                               "source_config": synth.config_dict(), "toolchain_config":
+                               plan.toolchain_configs.get(tname, {})}
+                        if distill is not None:
+                            rec["distill_config"] = distillers[distill].config_dict()
+                        if _run_key(rec) not in done:
+                            pending.append((tname, scheme, distill, rec))
             plot_path = (json_path.with_name(f"{json_path.stem}-difficulty-{source}-seed{seed}.png")
                          if source in plotted and pool is not None else None)
             if not pending and (plot_path is None or plot_path.exists()):
@@ -140,9 +178,23 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                 write_difficulty_plot(plot_path, model, spec, pool, cs, plan, source, seed)
                 log(f"wrote {plot_path}")
             synth_seconds = float(cs.manifest.get("synth_seconds", time.perf_counter() - t_syn))
-            for tname, scheme, rec in pending:
+            for tname, scheme, distill, rec in pending:
                 t_run = time.perf_counter()
-                q = chains[tname].quantize(model, scheme, cs)
+                if distill is None:
+                    q = chains[tname].quantize(model, scheme, cs)
+                else:
+                    student = chains[tname].quantize(model, scheme, cs, trainable=True)
+                    chains[tname].student_eval(student)
+                    rec["top1_calibrated"] = round(evaluate(student, images, labels), 2)
+                    t_dist = time.perf_counter()
+                    student = run_distiller(distillers[distill], model, spec, student, cs, chains[tname], scheme,
+                                            seed=seed, progress=progress)
+                    run = distillers[distill].last_run
+                    rec.update({"distill_steps": run.step, "distill_seconds": round(run.elapsed, 2),
+                                "distill_wall_this_process": round(time.perf_counter() - t_dist, 2)})
+                    if run.extra.get("levels"):
+                        rec["diffusion_levels"] = run.extra["levels"]
+                    q = chains[tname].convert(student)
                 top1 = evaluate(q, images, labels)
                 rec.update({"steps": _steps_of(synth.config_dict()), "top1": round(top1, 2),
                             "fp_top1": round(fp_top1, 2), "synth_seconds": round(synth_seconds, 2),
@@ -151,8 +203,10 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                             "torch": torch.__version__})
                 records.append(rec)
                 done.add(_run_key(rec))
-                log(f"{tname:13s} {scheme.name:6s} {source:8s} seed {seed}: top-1 {top1:.2f}% "
-                    f"(fp {fp_top1:.2f}, synth {synth_seconds:.1f}s)")
+                extra = "" if distill is None else (f", calibrated {rec['top1_calibrated']:.2f}, "
+                                                    f"{rec['distill_steps']} steps in {rec['distill_seconds']:.0f}s")
+                log(f"{tname:13s} {scheme.name:6s} {row_name(source, distill):14s} seed {seed}: top-1 {top1:.2f}% "
+                    f"(fp {fp_top1:.2f}, synth {synth_seconds:.1f}s{extra})")
                 if json_path is not None:
                     atomic_write_text(json_path, json.dumps({"records": records}, indent=1))
     return records

@@ -61,3 +61,25 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['images_x_iterations_per_s']} | {r['floor_images_x_iterations_per_s']} | "
                      f"{r['ratio_to_floor']} | {r['channels_last']} |")
     return "\n".join(lines)
+
+
+def distill_table(records: list[dict[str, Any]]) -> str:
+    """Fine-tuned rows: calibration-only and distilled top-1, steps and training time."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("distill"):
+            groups[(r["model"], r["toolchain"], r["scheme"], r["source"], r["distill"], r["images"],
+                    r.get("distill_steps"))].append(r)
+    header = ("| model | toolchain | scheme | row | images | steps | seeds | calibrated top-1 | distilled top-1 "
+              "(min-max) | train s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], _source_order(k[3]), k[4])):
+        rs = groups[key]
+        tops = [r["top1"] for r in rs]
+        spread = f" ({min(tops):.2f}-{max(tops):.2f})" if len(tops) > 1 else ""
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        cal = statistics.mean(r.get("top1_calibrated", float("nan")) for r in rs)
+        secs = statistics.mean(r.get("distill_seconds", 0.0) for r in rs)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]}+{key[4]} | {key[5]} | {key[6]} | {seeds} | "
+                     f"{cal:.2f} | {statistics.mean(tops):.2f}{spread} | {secs:.0f} |")
+    return "\n".join(lines)

@@ -66,6 +66,13 @@ def with_pooling_ignored(ignored_scope: Any = None) -> Any:
                              subgraphs=ignored_scope.subgraphs, validate=False)
 
 
+_RANGE_NAMES = ("_scale_param_storage", "_input_low", "_input_range_param_storage", "input_low", "input_range")
+
+
+def _is_nncf_state(name: str) -> bool:
+    return "__nncf_hooks" in name or "_nncf" in name
+
+
 @dataclass
 class _Pending:
     model: nn.Module
@@ -134,10 +141,15 @@ class NNCFToolchain(Toolchain):
             ) from exc
         if prepared.trainable:
             quantized.train()
-            for p in quantized.parameters():
-                if p.is_floating_point():
+            for name, p in quantized.named_parameters():  # the model's own weights; NNCF's quantizer
+                if p.is_floating_point() and not _is_nncf_state(name):  # scales keep NNCF's setting
                     p.requires_grad_(True)
         return quantized
+
+    def range_parameters(self, student: Any) -> list[nn.Parameter]:
+        """NNCF's quantizer scales/ranges: learnable parameters (LSQ-style) in its Torch backend."""
+        return [p for name, p in student.named_parameters()
+                if _is_nncf_state(name) and p.is_floating_point() and name.rsplit(".", 1)[-1] in _RANGE_NAMES]
 
     def convert(self, prepared: nn.Module) -> nn.Module:
         """NNCF's quantized Torch model is already its deployable form (fake-quant, exportable)."""

@@ -158,6 +158,13 @@ class PT2EToolchain(Toolchain):
             pin_input_observers(prepared, *input_bounds_of(calibration_set))
         return prepared
 
+    def student_eval(self, student: Any) -> Any:
+        """An exported graph cannot ``.eval()``; torchao swaps its BN/dropout ops instead."""
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        move_exported_model_to_eval(student)
+        return student
+
     def convert(self, prepared: Any) -> nn.Module:
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e

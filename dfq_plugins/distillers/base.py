@@ -1,0 +1,95 @@
+"""What every distiller shares: its config as dataclass fields and the ``distill`` entry point."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import CalibrationSet
+from ..teacher import Teacher
+from .loop import LR_SCHEDULES, TrainingRun
+
+
+@dataclass
+class Distiller:
+    """Base class: subclasses are dataclasses whose fields are their configuration.
+
+    ``distill(teacher, student, source, toolchain=...)`` fine-tunes ``student`` (a toolchain's
+    trainable, calibrated fake-quant model) in place and returns it. ``source`` is the offline
+    calibration set a distiller trains on, or, for one that brings its own generator, the set
+    the student was calibrated on (unused by the loop).
+
+    Defaults are a CPU budget for CIFAR-sized models; the published schedules are recipes.
+    """
+
+    name: ClassVar[str] = "distiller"
+    version: ClassVar[int] = 1
+
+    steps: int = 1000
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_gamma: float = 0.1
+    warmup_steps: int = 0  # no student updates before this step (ranges may still move)
+    observer_steps: int = 0  # activation observers stay on for these first steps
+    ranges: str = "frozen"  # after observer_steps: frozen | observe | learned (NNCF)
+    time_budget_s: float = 0.0  # stop early after this much wall time (0: steps only)
+    checkpoint_every: int = 200
+
+    speed_only_fields: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
+
+    def config_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            if f.name.startswith("_") or f.name in self.speed_only_fields:
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    # -- the contract ----------------------------------------------------------------------------
+    def requires_source(self) -> bool:
+        """False for a distiller that generates its own training data."""
+        return True
+
+    def setup(self, run: TrainingRun) -> None:
+        """Build generators and their optimisers (``run.add_generator``); check the source."""
+
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
+        """One step; returns the losses to show (floats)."""
+        raise NotImplementedError
+
+    def distill(self, teacher: Teacher, student: nn.Module, source: CalibrationSet | None, *, toolchain: Any,
+                seed: int = 0, progress: bool = True, workdir: Path | None = None, key: str = "") -> nn.Module:
+        if self.requires_source() and source is None:
+            raise ValueError(f"distiller {self.name!r} trains on a calibration set; pass source=CalibrationSet "
+                             "(e.g. dfq_plugins.synthesize(model, 'intraq'))")
+        toolchain.student_eval(student)
+        run = TrainingRun(self, teacher, student, toolchain, source, seed, workdir, key or self.name, progress)
+        run.add_student()
+        torch.manual_seed(seed)  # generator initialisation; everything per step uses run.rng(step)
+        self.setup(run)
+        run.resume()
+        run.run(self.train_step)
+        toolchain.student_eval(student)
+        self.last_run = run
+        return student
+
+
+__all__ = ["Distiller"]

@@ -1,0 +1,41 @@
+"""Minibatches drawn from an offline calibration set for fine-tuning, with light augmentation.
+
+Fine-tuning runs thousands of steps over a few hundred images, so each step draws a random
+minibatch and, by default, a per-image random shift (zero padding, i.e. the mean pixel in
+normalised space) and horizontal flip: the standard CIFAR augmentation, cheap on CPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTATIONS = ("shift_flip", "flip", "none")
+
+
+def shift_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Per-image random crop of the zero-padded image (same size) and random horizontal flip."""
+    n, _, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
+        x = padded.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+        x = x.gather(3, cols)
+    if flip:
+        mask = torch.rand(n, generator=g) < 0.5
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def sample_batch(images: torch.Tensor, size: int, g: torch.Generator, augment: str = "shift_flip",
+                 extra: tuple[torch.Tensor | None, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """A random minibatch of ``images`` (and the same rows of each ``extra`` tensor)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r}; choose one of {AUGMENTATIONS}")
+    idx = torch.randint(0, images.shape[0], (size,), generator=g)
+    x = images[idx]
+    if x.dim() == 4 and augment != "none":
+        x = shift_flip(x, g, pad=4 if augment == "shift_flip" else 0)
+    return x, [None if t is None else t[idx] for t in extra]

@@ -1,0 +1,17 @@
+"""Registers the built-in training loops through the ``dfq_plugins`` entry point."""
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def dfq_register_distillers(register) -> None:
+    from .adadfq import AdaDFQDistiller
+    from .causal import CausalDFQDistiller
+    from .diffdfq import DiffDFQDistiller
+    from .kd import KDDistiller
+
+    register("kd", KDDistiller)
+    register("adadfq", AdaDFQDistiller)
+    register("causal", CausalDFQDistiller)
+    register("diffdfq", DiffDFQDistiller)

@@ -1,0 +1,112 @@
+"""``causal``: Causal-DFQ (Shang et al., ICCV 2023), reconstructed; no code was ever published.
+
+Established by the abstract: a content/style-decoupled generator, and a discrepancy-reduction
+loss that aligns the teacher's and the quantized student's predictive distributions under
+interventions on style. Everything else here is an assumption (``methods.md`` section 3.2),
+each one a parameter:
+
+- generator: GDFQ's, its input [class embedding (content), style code s ~ N(0, I)]
+  (``style_dim``), trained on CE(P(x), y) + ``bns_weight`` x BN-statistics loss;
+- intervention do(S = s_k): ``interventions`` (K) style codes per content in the latent space,
+  or K random shifts/flips of one image (``intervention_space="pixel"``);
+- student loss: KD + CE (as ``kd``) + ``dr_weight`` x L_DR, with L_DR =
+  D(mean_k p_P(.|x_ck) || mean_k p_Q(.|x_ck)) (the intervened distributions aligned) +
+  ``invariance_weight`` x mean_k D(p_Q(.|x_ck) || p_Q(.|x_c,k+1)) (the student invariant to
+  style), D = KL or JS (``divergence``), at the KD temperature and scaled like the KD term,
+  so ``dr_weight`` is relative to it (0.1 after the "drops beyond ~10%" remark).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import kd_loss
+from .batches import shift_flip
+from .kd import KDDistiller
+from .loop import TrainingRun
+
+INTERVENTION_SPACES = ("latent", "pixel")
+DIVERGENCES = ("kl", "js")
+
+
+def divergence(p: torch.Tensor, q: torch.Tensor, kind: str) -> torch.Tensor:
+    """Batch-mean D(p || q) between probability rows."""
+    eps = 1e-8
+    if kind == "kl":
+        return (p * ((p + eps).log() - (q + eps).log())).sum(1).mean()
+    m = 0.5 * (p + q)
+    return 0.5 * (divergence(p, m, "kl") + divergence(q, m, "kl"))
+
+
+@dataclass
+class CausalDFQDistiller(KDDistiller):
+    name: ClassVar[str] = "causal"
+
+    online: bool = True
+    reconstructed: bool = True  # a marker in every record: this method is a reconstruction
+    interventions: int = 4
+    style_dim: int = 64
+    intervention_space: str = "latent"
+    dr_weight: float = 0.1
+    invariance_weight: float = 1.0
+    divergence: str = "kl"
+    warmup_steps: int = 50
+    observer_steps: int = 50
+    recalibrate: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.online:
+            raise ValueError("causal always trains its own content/style generator (online=True)")
+        if self.intervention_space not in INTERVENTION_SPACES:
+            raise ValueError(f"intervention_space={self.intervention_space!r}; choose one of {INTERVENTION_SPACES}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r}; choose one of {DIVERGENCES}")
+        if self.interventions < 2 or self.batch_size < self.interventions:
+            raise ValueError("need interventions >= 2 and batch_size >= interventions (contents x interventions)")
+
+    def setup(self, run: TrainingRun) -> None:
+        self.setup_generator(run, style_dim=self.style_dim)
+        if self.recalibrate:  # a resumed run restores its observers from the checkpoint
+            run.toolchain.reset_observers(run.student)
+
+    def intervened_images(self, run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contents x K) images, grouped by content: rows c*K .. c*K+K-1 share class y_c."""
+        g = run.rng(step, salt=1)
+        k = self.interventions
+        contents = self.batch_size // k
+        gen = run.trainables["generator"].module.train()
+        y = torch.randint(0, run.teacher.spec.num_classes, (contents,), generator=g).repeat_interleave(k)
+        if self.intervention_space == "latent":
+            return gen(torch.randn(contents * k, self.style_dim, generator=g), y), y
+        base = gen(torch.randn(contents, self.style_dim, generator=g), y[::k])
+        return shift_flip(base.repeat_interleave(k, 0), g), y
+
+    def discrepancy_loss(self, z_p: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, k = self.temperature, self.interventions
+        p = torch.softmax(z_p.detach() / t, 1).view(-1, k, z_p.shape[1])
+        q = torch.softmax(z_q / t, 1).view(-1, k, z_q.shape[1])
+        scale = self.kd_weight * t * t
+        align = divergence(p.mean(1), q.mean(1), self.divergence) * scale
+        inv = divergence(q.flatten(0, 1), q.roll(1, dims=1).flatten(0, 1), self.divergence) * scale
+        return align, inv
+
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
+        x, y = self.intervened_images(run, step)
+        with self._recorder.record():
+            z_p = run.teacher(x)
+        g_ce = F.cross_entropy(z_p, y)
+        g_bns = self._bns(self._recorder.stats, self._targets)
+        run.update("generator", g_ce + self.bns_weight * g_bns)
+        x, z_p = x.detach(), z_p.detach()
+        z_q = run.student(x)
+        loss, parts = self.student_loss(z_q, z_p, y)
+        align, inv = self.discrepancy_loss(z_p, z_q)
+        run.update_student(loss + self.dr_weight * (align + self.invariance_weight * inv))
+        return {"g_ce": float(g_ce), "g_bns": float(g_bns), **parts, "dr_align": float(align), "dr_inv": float(inv)}
+
+
+__all__ = ["CausalDFQDistiller", "divergence", "kd_loss"]

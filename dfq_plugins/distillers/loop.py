@@ -1,0 +1,220 @@
+"""The one training loop every distiller runs in: teacher frozen, student = a toolchain's trainable model.
+
+What it owns, so distillers do not repeat it:
+
+- the student's mode (the GDFQ family fine-tunes with BN on running statistics) and its
+  optimiser (SGD with Nesterov momentum by default), the generator's (Adam), and their LR
+  schedules, both pure functions of the step;
+- the activation-range window: observers on for the first ``observer_steps`` steps, then
+  frozen (``ranges="frozen"``), left on (``"observe"``) or trained (``"learned"``, where the
+  toolchain's ranges are parameters, as in NNCF);
+- warm-up (no student updates before ``warmup_steps``), a budget in steps and/or wall time;
+- per-step seeded randomness (``run.rng(step)``), so a resumed run draws what an uninterrupted
+  one would have drawn; checkpoints every ``checkpoint_every`` steps and on Ctrl-C;
+- a progress bar with the live losses.
+
+Evaluation is not here: the caller evaluates the last step on the real test set, once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..progress import progress_bar
+from ..teacher import Teacher
+from .checkpoint import load_checkpoint, save_checkpoint
+
+RANGE_MODES = ("frozen", "observe", "learned")
+LR_SCHEDULES = ("cosine", "multistep", "constant")
+
+
+def lr_factor(schedule: str, step: int, total: int, milestones: tuple[float, ...], gamma: float) -> float:
+    """LR multiplier at ``step`` of ``total``; milestones are fractions of the budget."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    return gamma ** sum(step >= m * total for m in milestones)
+
+
+@dataclass
+class Trainable:
+    """A module trained by the loop, with its optimiser and base learning rates."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+
+    def set_lr_factor(self, factor: float) -> None:
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * factor
+
+
+class TrainingRun:
+    """State of one distillation run, handed to the distiller's ``train_step``."""
+
+    def __init__(self, distiller: Any, teacher: Teacher, student: nn.Module, toolchain: Any,
+                 source: Any, seed: int, workdir: Path | None, key: str, progress: bool) -> None:
+        self.d = distiller
+        self.teacher = teacher
+        self.student = student
+        self.toolchain = toolchain
+        self.source = source
+        self.seed = seed
+        self.workdir = None if workdir is None else Path(workdir)
+        self.key = key
+        self.progress = progress
+        self.trainables: dict[str, Trainable] = {}
+        self.extra: dict[str, Any] = {}  # small JSON state of the distiller (e.g. DiffDFQ's level)
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, float]] = []
+        self._observing = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    def add_student(self) -> None:
+        d = self.d
+        if d.ranges not in RANGE_MODES:
+            raise ValueError(f"ranges={d.ranges!r}; choose one of {RANGE_MODES}")
+        ranges = self.toolchain.range_parameters(self.student)
+        if d.ranges == "learned" and not ranges:
+            raise ValueError(f"ranges='learned' needs trainable quantizer ranges, and {self.toolchain.name}'s "
+                             "student has observers instead; use ranges='frozen' or 'observe' (or toolchain nncf)")
+        range_ids = {id(p) for p in ranges}
+        for p in ranges:
+            p.requires_grad_(d.ranges == "learned")
+        params = [p for p in self.student.parameters() if p.requires_grad and id(p) not in range_ids]
+        if not params:
+            raise ValueError("the student has no trainable parameter: prepare it with trainable=True")
+        groups = [{"params": params}]
+        if d.ranges == "learned":
+            groups.append({"params": ranges, "weight_decay": 0.0})
+        if d.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=d.lr, momentum=d.momentum,
+                                                         nesterov=d.momentum > 0, weight_decay=d.weight_decay)
+        elif d.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=d.lr, weight_decay=d.weight_decay)
+        else:
+            raise ValueError(f"optimizer={d.optimizer!r}; choose sgd or adam")
+        self.trainables["student"] = Trainable(self.student, opt)
+
+    def add_generator(self, name: str, module: nn.Module, lr: float, betas: tuple[float, float] = (0.5, 0.999)) -> None:
+        """A generator trained alongside the student (Adam, GDFQ's betas, the student's schedule)."""
+        self.trainables[name] = Trainable(module, torch.optim.Adam(module.parameters(), lr=lr, betas=betas))
+
+    # -- per-step helpers ---------------------------------------------------------------------
+    def rng(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + salt)
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+    @property
+    def updating_student(self) -> bool:
+        return self.step >= self.d.warmup_steps
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        """Backward into ``name``'s parameters only, then step its optimiser."""
+        t = self.trainables[name]
+        params = [p for g in t.optimizer.param_groups for p in g["params"]]
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        t.optimizer.step()
+
+    def update_student(self, loss: torch.Tensor) -> None:
+        """A student step, or nothing during warm-up (only the ranges move then)."""
+        if self.updating_student:
+            self.update("student", loss)
+
+    @contextlib.contextmanager
+    def observers_paused(self) -> Iterator[None]:
+        """Forward passes that must not move the ranges (e.g. DiffDFQ's level search)."""
+        was = self._observing
+        if was:
+            self.toolchain.set_observers(self.student, False)
+        try:
+            yield
+        finally:
+            if was:
+                self.toolchain.set_observers(self.student, True)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _set_observing(self) -> None:
+        want = self.step < self.d.observer_steps or self.d.ranges == "observe"
+        if want != self._observing or self.step == 0:
+            self.toolchain.set_observers(self.student, want)
+            self._observing = want
+
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.workdir is None else self.workdir / "checkpoint.safetensors"
+
+    def save(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        save_checkpoint(path, key=self.key, step=self.step, elapsed=self.elapsed,
+                        modules={k: t.module for k, t in self.trainables.items()},
+                        optimizers={k: t.optimizer for k, t in self.trainables.items()},
+                        extra={**self.extra, "history": self.history[-200:]})
+
+    def resume(self) -> bool:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return False
+        header = load_checkpoint(path, key=self.key, modules={k: t.module for k, t in self.trainables.items()},
+                                 optimizers={k: t.optimizer for k, t in self.trainables.items()})
+        self.step, self.elapsed = int(header["step"]), float(header["elapsed"])
+        extra = dict(header.get("extra", {}))
+        self.history = list(extra.pop("history", []))
+        self.extra = extra
+        self._observing = not (self.step < self.d.observer_steps or self.d.ranges == "observe")  # force a set
+        return True
+
+    def run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
+        d = self.d
+        total = d.steps
+        bar = progress_bar(total=total, desc=f"distill {d.name}", enabled=self.progress, initial=self.step)
+        started = time.perf_counter() - self.elapsed
+        running: dict[str, float] = {}
+        try:
+            while self.step < total:
+                if d.time_budget_s and time.perf_counter() - started >= d.time_budget_s:
+                    self.extra["stopped_by_time_budget"] = True
+                    break
+                self._set_observing()
+                factor = lr_factor(d.lr_schedule, self.step, total, tuple(d.lr_milestones), d.lr_gamma)
+                for t in self.trainables.values():
+                    t.set_lr_factor(factor)
+                losses = train_step(self, self.step)
+                for k, v in losses.items():
+                    running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+                self.step += 1
+                self.elapsed = time.perf_counter() - started
+                if self.step % 10 == 0 or self.step == total:
+                    self.history.append({"step": self.step, **{k: round(v, 5) for k, v in running.items()}})
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
+                bar.update(1)
+                if d.checkpoint_every and self.step % d.checkpoint_every == 0 and self.step < total:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        finally:
+            bar.close()
+        self.extra["steps_done"] = self.step
+        self.save()
+
+
+__all__ = ["LR_SCHEDULES", "RANGE_MODES", "Trainable", "TrainingRun", "lr_factor"]
