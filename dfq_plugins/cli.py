@@ -80,7 +80,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import evaluate, make_toolchain, synthesize
     from .scheme import QuantScheme
 
-    s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size"])
+    s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill",
+                         "steps"])
     entry = plugins.get("models", s["model"]).obj
     scheme = QuantScheme.parse(s["scheme"])
     chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
@@ -94,7 +95,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"calibration data: {cs.num_samples} images from '{s['source']}' (seed {s['seed']}) in "
           f"{time.perf_counter() - t:.1f}s (synthesis took {cs.manifest.get('synth_seconds', 0):.1f}s)")
     t = time.perf_counter()
-    q = chain.quantize(model, scheme, cs)
+    if s.get("distill"):
+        from .api import make_distiller, run_distiller
+
+        distiller = make_distiller({"name": s["distill"], **s["distillers"].get(s["distill"], {})},
+                                   int(s["steps"]) if s.get("steps") else None)
+        student = chain.quantize(model, scheme, cs, trainable=True)
+        print(f"calibrated a trainable {s['toolchain']} student at {scheme.name}; fine-tuning it with "
+              f"'{distiller.name}' for {distiller.steps} steps (checkpointed: Ctrl-C and rerun to resume)")
+        student = run_distiller(distiller, model, spec, student, cs, chain, scheme, seed=int(s["seed"]),
+                                progress=not args.quiet)
+        q = chain.convert(student)
+    else:
+        q = chain.quantize(model, scheme, cs)
     print(f"quantized with {s['toolchain']} at {scheme.name} in {time.perf_counter() - t:.1f}s -> "
           f"{type(q).__name__}")
     try:
@@ -210,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--source", help="data source (default zeroq)")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--save", help="write the quantized model's state_dict here")
+    sp.add_argument("--distill", help="fine-tune the calibrated student: kd, adadfq, causal or diffdfq")
+    sp.add_argument("--steps", type=int, help="fine-tuning steps (default: the distiller's, 1000)")
+    sp.add_argument("--distill-set", dest="distill_set", action="append", metavar="DISTILLER.KEY=VALUE",
+                    help="distiller option, e.g. kd.lr=0.001 (repeatable)")
     sp.set_defaults(func=cmd_quantize)
 
     sp = sub.add_parser("bench", help="compare sources on the model's real test set")

@@ -78,12 +78,12 @@ class AdaDFQDistiller(KDDistiller):
         l_bns = self._bns(self._recorder.stats, self._targets)
         run.update("generator", l_m + self.beta * (self.alpha_ds * l_ds + self.alpha_as * l_as) + self.gamma * l_bns)
 
-        losses = {"g_margin": float(l_m), "g_ds": float(l_ds), "g_as": float(l_as), "g_bns": float(l_bns),
-                  "h_norm": float(h_n.mean())}
+        losses = {"g_margin": l_m.detach().item(), "g_ds": l_ds.detach().item(), "g_as": l_as.detach().item(), "g_bns": l_bns.detach().item(),
+                  "h_norm": h_n.mean().item()}
         if run.updating_student:
             t = self.temperature
             z_q = run.student(x.detach())
             l_q = -(t * t) * entropy((z_p.detach() - z_q) / t).mean()
             run.update_student(l_q)
-            losses["q"] = float(l_q)
+            losses["q"] = l_q.detach().item()
         return losses

@@ -106,7 +106,7 @@ class CausalDFQDistiller(KDDistiller):
         loss, parts = self.student_loss(z_q, z_p, y)
         align, inv = self.discrepancy_loss(z_p, z_q)
         run.update_student(loss + self.dr_weight * (align + self.invariance_weight * inv))
-        return {"g_ce": float(g_ce), "g_bns": float(g_bns), **parts, "dr_align": float(align), "dr_inv": float(inv)}
+        return {"g_ce": g_ce.detach().item(), "g_bns": g_bns.detach().item(), **parts, "dr_align": align.detach().item(), "dr_inv": inv.detach().item()}
 
 
 __all__ = ["CausalDFQDistiller", "divergence", "kd_loss"]

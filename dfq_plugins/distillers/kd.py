@@ -65,7 +65,7 @@ class KDDistiller(Distiller):
         kd = self.kd_weight * kd_loss(z_q, z_p, self.temperature, self.reduction)
         target = z_p.argmax(1) if y is None or self.labels == "teacher" else y
         ce = F.cross_entropy(z_q, target) if self.ce_weight else z_q.new_zeros(())
-        return kd + self.ce_weight * ce, {"kd": kd.item(), "ce": ce.item()}
+        return kd + self.ce_weight * ce, {"kd": kd.detach().item(), "ce": ce.detach().item()}
 
     def setup_generator(self, run: TrainingRun, style_dim: int = 0) -> None:
         spec = run.teacher.spec
@@ -106,7 +106,7 @@ class KDDistiller(Distiller):
             g_bns = self._bns(self._recorder.stats, self._targets)
             run.update("generator", g_ce + self.bns_weight * g_bns)
             x, z_p = x.detach(), z_p.detach()
-            losses.update({"g_ce": float(g_ce), "g_bns": float(g_bns)})
+            losses.update({"g_ce": g_ce.detach().item(), "g_bns": g_bns.detach().item()})
         else:
             x, (y,) = sample_batch(self._images, self.batch_size, run.rng(step), self.augment, (self._labels,))
             z_p = run.teacher_logits(x)

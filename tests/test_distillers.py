@@ -1,0 +1,251 @@
+"""The distillation loops on real small models: they learn, resume exactly, and keep their contracts."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import dfq_plugins
+from dfq_plugins import CalibrationSet, QuantScheme
+from dfq_plugins.api import make_distiller, make_toolchain
+from dfq_plugins.diffusion import DiffusionLevels
+from dfq_plugins.distillers.causal import divergence
+from dfq_plugins.distillers.loop import lr_factor
+from dfq_plugins.errors import CorruptArtifactError
+from dfq_plugins.losses import kd_loss
+from dfq_plugins.teacher import Teacher
+
+from .conftest import TINY_SPEC, make_trained_tiny
+
+W4A4 = QuantScheme.parse("w4a4")
+
+
+def colour_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of the tiny model's 4-class colour task (red, green, blue, dark) and their classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    pixels = 0.35 + 0.1 * torch.randn(n, 3, 16, 16, generator=g)
+    shift = torch.zeros(n, 3, 1, 1)
+    shift[labels < 3, labels[labels < 3]] = 0.3
+    pixels = pixels + shift - 0.25 * (labels == 3).float().view(-1, 1, 1, 1)
+    return (pixels.clamp(0, 1) - 0.5) / 0.25, labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return make_trained_tiny()
+
+
+def calibration_set(n: int = 64) -> CalibrationSet:
+    x, _ = colour_images(n, seed=1)
+    return CalibrationSet(x, batch_size=16, manifest={"input_spec": TINY_SPEC.to_dict()})
+
+
+def student_for(model, toolchain: str = "torch-ao-fx", scheme: QuantScheme = W4A4):
+    chain = make_toolchain(toolchain)
+    return chain, chain.quantize(model, scheme, calibration_set(), trainable=True)
+
+
+@torch.no_grad()
+def teacher_gap(teacher, student, x: torch.Tensor) -> float:
+    """KL(teacher || student) on held-out images: what distillation should shrink."""
+    return float(kd_loss(student(x), teacher(x), 1.0, "batchmean"))
+
+
+def test_kd_brings_a_low_bit_student_closer_to_its_teacher(trained):
+    chain, student = student_for(trained, scheme=QuantScheme.parse("w2a4"))  # w4a4 already agrees on this task
+    held_out, _ = colour_images(256, seed=7)
+    chain.student_eval(student)
+    before = teacher_gap(trained, student, held_out)
+    kd = make_distiller({"name": "kd", "lr": 0.01, "checkpoint_every": 0}, steps=60)
+    kd.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
+    after = teacher_gap(trained, student, held_out)
+    assert after < 0.7 * before, (before, after)
+    assert kd.last_run.step == 60 and len(kd.last_run.history) == 6
+
+
+def test_interrupted_run_resumes_to_the_same_student(trained, tmp_path):
+    cs = calibration_set()
+    chain, reference = student_for(trained)
+    config = {"name": "kd", "lr": 0.01, "checkpoint_every": 5}
+    make_distiller(config, steps=12).distill(Teacher(make_trained_tiny(), TINY_SPEC), reference, cs, toolchain=chain,
+                                             progress=False, workdir=tmp_path / "a", key="k")
+
+    chain, student = student_for(trained)
+    kd = make_distiller(config, steps=12)
+    original_step = kd.train_step
+
+    def interrupt_at_8(run, step):
+        if step == 8:
+            raise KeyboardInterrupt
+        return original_step(run, step)
+
+    kd.train_step = interrupt_at_8
+    with pytest.raises(KeyboardInterrupt):
+        kd.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, cs, toolchain=chain, progress=False,
+                   workdir=tmp_path / "b", key="k")
+    assert (tmp_path / "b" / "checkpoint.safetensors").exists()
+
+    chain, resumed = student_for(trained)  # a fresh process: new student, new distiller, same workdir
+    kd = make_distiller(config, steps=12)
+    kd.distill(Teacher(make_trained_tiny(), TINY_SPEC), resumed, cs, toolchain=chain, progress=False,
+               workdir=tmp_path / "b", key="k")
+    ref, got = reference.state_dict(), resumed.state_dict()
+    for name, value in ref.items():
+        assert torch.equal(value, got[name]), name
+
+
+def test_a_checkpoint_of_another_run_is_refused(trained, tmp_path):
+    cs = calibration_set()
+    chain, student = student_for(trained)
+    make_distiller({"name": "kd"}, steps=2).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, cs,
+                                                   toolchain=chain, progress=False, workdir=tmp_path, key="one")
+    with pytest.raises(CorruptArtifactError, match="another run"):
+        make_distiller({"name": "kd"}, steps=4).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, cs,
+                                                       toolchain=chain, progress=False, workdir=tmp_path,
+                                                       key="two")
+
+
+def test_activation_ranges_freeze_after_the_observer_window(trained):
+    chain, student = student_for(trained)
+    scales = lambda: {n: m.scale.clone() for n, m in student.named_modules()  # noqa: E731
+                      if hasattr(m, "observer_enabled") and not n.endswith("weight_fake_quant")}
+    make_distiller({"name": "kd", "observer_steps": 3}, steps=8).distill(
+        Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
+    frozen = scales()
+    assert all(int(m.observer_enabled) == 0 for n, m in student.named_modules()
+               if hasattr(m, "observer_enabled") and not n.endswith("weight_fake_quant"))
+    with torch.no_grad():
+        student(colour_images(32, seed=3)[0] * 3)  # wider inputs would move an observing range
+    assert all(torch.equal(frozen[n], s) for n, s in scales().items())
+
+
+def test_nncf_ranges_are_learned_only_when_asked(trained):
+    for ranges, should_move in (("frozen", False), ("learned", True)):
+        chain, student = student_for(trained, "nncf", QuantScheme.parse("w4a4-symact"))
+        params = chain.range_parameters(student)
+        assert params, "NNCF's quantizer scales should be found"
+        before = [p.detach().clone() for p in params]
+        make_distiller({"name": "kd", "lr": 0.01, "ranges": ranges}, steps=5).distill(
+            Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
+        moved = any(not torch.equal(b, p) for b, p in zip(before, params))
+        assert moved == should_move, ranges
+
+
+def test_learned_ranges_on_an_observer_toolchain_is_a_clear_error(trained):
+    chain, student = student_for(trained)
+    with pytest.raises(ValueError, match="ranges='learned'"):
+        make_distiller({"name": "kd", "ranges": "learned"}, steps=2).distill(
+            Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
+
+
+def test_offline_distiller_without_a_set_says_what_to_pass(trained):
+    chain, student = student_for(trained)
+    with pytest.raises(ValueError, match="pass source=CalibrationSet"):
+        make_distiller("kd", steps=2).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None,
+                                              toolchain=chain, progress=False)
+
+
+def test_adadfq_trains_only_its_generator_during_warm_up(trained):
+    chain, student = student_for(trained)
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    ada = make_distiller({"name": "adadfq", "batch_size": 12, "warmup_steps": 4, "observer_steps": 4}, steps=4)
+    ada.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None, toolchain=chain, progress=False)
+    assert all(torch.equal(weights[n], p) for n, p in student.named_parameters())
+    history = ada.last_run.history
+    assert not history or "q" not in history[-1]
+    gen = ada.last_run.trainables["generator"].module
+    assert gen(torch.randn(3, gen.code_dim()), torch.tensor([0, 1, 2])).shape == (3, *TINY_SPEC.shape)
+
+
+def test_adadfq_margin_keeps_normalised_entropy_in_its_band():
+    ada = make_distiller("adadfq")
+    d = torch.tensor([[9.0, 0, 0, 0], [1.0, 0.5, 0, 0], [0.0, 0, 0, 0]])
+    loss, h = ada.margin_loss(d)
+    assert float(h.min()) == 0.0 and float(h.max()) == pytest.approx(1.0)  # batch-min normalisation
+    expected = (ada.lambda_l - 0.0) / 3 + (1.0 - ada.lambda_u) / 3
+    assert float(loss) == pytest.approx(expected + max(0.0, ada.lambda_l - float(h[1])) / 3
+                                        + max(0.0, float(h[1]) - ada.lambda_u) / 3)
+    plain = make_distiller({"name": "adadfq", "batch_min_normalisation": False})
+    _, h_plain = plain.margin_loss(d)
+    assert float(h_plain[2]) == pytest.approx(1.0) and float(h_plain[0]) < 0.01
+
+
+def test_adadfq_student_learns_after_warm_up(trained):
+    chain, student = student_for(trained)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    ada = make_distiller({"name": "adadfq", "batch_size": 12, "warmup_steps": 2, "observer_steps": 2}, steps=5)
+    ada.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None, toolchain=chain, progress=False)
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+    assert math.isfinite(ada.last_run.history[-1]["q"]) if ada.last_run.history else True
+
+
+def test_causal_divergences_and_interventions(trained):
+    p = torch.softmax(torch.randn(5, 4), 1)
+    assert float(divergence(p, p, "kl")) == pytest.approx(0.0, abs=1e-6)
+    assert float(divergence(p, p.roll(1, 0), "js")) <= math.log(2) + 1e-6
+    causal = make_distiller({"name": "causal", "batch_size": 12, "interventions": 3})
+    z = torch.randn(4, 4).repeat_interleave(3, 0)  # identical predictions under every intervention
+    align, inv = causal.discrepancy_loss(z, z)
+    assert float(align) == pytest.approx(0.0, abs=1e-5) and float(inv) == pytest.approx(0.0, abs=1e-5)
+    for space in ("latent", "pixel"):
+        chain, student = student_for(trained)
+        c = make_distiller({"name": "causal", "batch_size": 12, "interventions": 3, "intervention_space": space,
+                            "warmup_steps": 1, "observer_steps": 1}, steps=3)
+        c.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None, toolchain=chain, progress=False)
+        x, y = c.intervened_images(c.last_run, 0)
+        assert x.shape == (12, *TINY_SPEC.shape) and torch.equal(y, y.view(4, 3)[:, :1].expand(4, 3).reshape(-1))
+    with pytest.raises(ValueError, match="interventions"):
+        make_distiller({"name": "causal", "interventions": 1})
+
+
+def test_diffdfq_level_only_moves_toward_clean_samples(trained):
+    cs = calibration_set()
+    cs.labels = torch.zeros(cs.num_samples, dtype=torch.long)
+    DiffusionLevels.attach(cs, num_levels=6, beta_start=0.01, beta_end=0.2, schedule_steps=10)
+    chain, student = student_for(trained)
+    diff = make_distiller({"name": "diffdfq", "epoch_steps": 2, "batch_size": 16}, steps=10)
+    diff.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, cs, toolchain=chain, progress=False)
+    levels = diff.last_run.extra["levels"]
+    assert len(levels) == 5
+    assert all(a >= b for a, b in zip(levels, levels[1:]))
+    with pytest.raises(ValueError, match="no diffusion levels"):
+        make_distiller("diffdfq", steps=2).distill(Teacher(make_trained_tiny(), TINY_SPEC), student,
+                                                   calibration_set(), toolchain=chain, progress=False)
+
+
+def test_lr_schedules():
+    assert lr_factor("constant", 50, 100, (), 0.1) == 1.0
+    assert lr_factor("cosine", 0, 100, (), 0.1) == 1.0 and lr_factor("cosine", 100, 100, (), 0.1) < 1e-9
+    assert lr_factor("multistep", 74, 100, (0.5, 0.75), 0.1) == pytest.approx(0.1)
+    assert lr_factor("multistep", 75, 100, (0.5, 0.75), 0.1) == pytest.approx(0.01)
+
+
+def test_quantize_with_distill_returns_the_converted_model_and_caches_the_run(trained):
+    x, labels = colour_images(128, seed=9)
+    cs = calibration_set()
+    q = dfq_plugins.quantize(trained, input_spec=TINY_SPEC, source=cs, scheme="w4a4", distill="kd", steps=6,
+                             progress=False)
+    assert not hasattr(q, "observer_enabled")
+    assert dfq_plugins.evaluate(q, x, labels) > 50.0
+    from dfq_plugins.io import cache_root
+
+    runs = list((cache_root() / "distill").glob("kd-*/checkpoint.safetensors"))
+    assert len(runs) == 1
+
+
+def test_bench_rows_record_calibrated_and_distilled_accuracy(resnet20, tmp_path):
+    from dfq_plugins.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quiet", "--model", "cifar10-resnet20", "--toolchain", "torch-ao-fx", "--scheme",
+                 "w4a4", "--rows", "noise+kd,noise", "--images", "32", "--steps", "3", "--test-limit", "100",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert {(r["source"], r["distill"]) for r in records} == {("noise", "kd"), ("noise", None)}
+    distilled = next(r for r in records if r["distill"])
+    assert distilled["distill_steps"] == 3 and distilled["distill_config"]["steps"] == 3
+    assert "top1_calibrated" in distilled
+    assert "noise+kd" in (tmp_path / "bench.md").read_text()
