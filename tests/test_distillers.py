@@ -1,6 +1,7 @@
 """The distillation loops on real small models: they learn, resume exactly, and keep their contracts."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -110,7 +111,7 @@ def test_a_checkpoint_of_another_run_is_refused(trained, tmp_path):
 
 def test_activation_ranges_freeze_after_the_observer_window(trained):
     chain, student = student_for(trained)
-    scales = lambda: {n: m.scale.clone() for n, m in student.named_modules()  # noqa: E731
+    scales = lambda: {n: m.scale.clone() for n, m in student.named_modules()
                       if hasattr(m, "observer_enabled") and not n.endswith("weight_fake_quant")}
     make_distiller({"name": "kd", "observer_steps": 3}, steps=8).distill(
         Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
@@ -210,7 +211,7 @@ def test_diffdfq_level_only_moves_toward_clean_samples(trained):
     diff.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, cs, toolchain=chain, progress=False)
     levels = diff.last_run.extra["levels"]
     assert len(levels) == 5
-    assert all(a >= b for a, b in zip(levels, levels[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(levels))
     with pytest.raises(ValueError, match="no diffusion levels"):
         make_distiller("diffdfq", steps=2).distill(Teacher(make_trained_tiny(), TINY_SPEC), student,
                                                    calibration_set(), toolchain=chain, progress=False)
