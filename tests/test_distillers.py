@@ -123,6 +123,21 @@ def test_activation_ranges_freeze_after_the_observer_window(trained):
     assert all(torch.equal(frozen[n], s) for n, s in scales().items())
 
 
+def test_pt2e_students_train_with_frozen_activation_ranges(trained):
+    chain, student = student_for(trained, "torchao-pt2e")
+    weights = {n: p.detach().clone() for n, p in student.named_parameters()}
+    make_distiller({"name": "kd", "lr": 0.01}, steps=4).distill(
+        Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
+    assert any(not torch.equal(weights[n], p) for n, p in student.named_parameters())
+    from dfq_plugins.toolchain import activation_fake_quants
+
+    acts = activation_fake_quants(student)
+    assert acts and all(int(m.observer_enabled) == 0 for _, m in acts)
+    assert len(acts) < sum(hasattr(m, "observer_enabled") for m in student.modules())  # weights still observed
+    x, labels = colour_images(64, seed=5)
+    assert dfq_plugins.evaluate(chain.convert(student), x, labels) > 50.0
+
+
 def test_nncf_ranges_are_learned_only_when_asked(trained):
     for ranges, should_move in (("frozen", False), ("learned", True)):
         chain, student = student_for(trained, "nncf", QuantScheme.parse("w4a4-symact"))

@@ -83,8 +83,9 @@ class Distiller:
         toolchain.student_eval(student)
         run = TrainingRun(self, teacher, student, toolchain, source, seed, workdir, key or self.name, progress)
         run.add_student()
-        torch.manual_seed(seed)  # generator initialisation; everything per step uses run.rng(step)
-        self.setup(run)
+        with torch.random.fork_rng():  # generator initialisation, without touching the caller's RNG
+            torch.manual_seed(seed)  # (everything per step draws from run.rng(step))
+            self.setup(run)
         run.resume()
         run.run(self.train_step)
         toolchain.student_eval(student)
