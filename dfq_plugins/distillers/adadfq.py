@@ -54,7 +54,7 @@ class AdaDFQDistiller(KDDistiller):
     def setup(self, run: TrainingRun) -> None:
         self.setup_generator(run)
         if self.recalibrate:  # a resumed run restores its observers from the checkpoint
-            run.toolchain.reset_observers(run.student)
+            self.reset_ranges(run)
 
     def margin_loss(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = entropy(d)

@@ -71,7 +71,7 @@ class CausalDFQDistiller(KDDistiller):
     def setup(self, run: TrainingRun) -> None:
         self.setup_generator(run, style_dim=self.style_dim)
         if self.recalibrate:  # a resumed run restores its observers from the checkpoint
-            run.toolchain.reset_observers(run.student)
+            self.reset_ranges(run)
 
     def intervened_images(self, run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(contents x K) images, grouped by content: rows c*K .. c*K+K-1 share class y_c."""

@@ -13,6 +13,7 @@ statistics), the student trained on its detached images.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -81,6 +82,13 @@ class KDDistiller(Distiller):
         self._recorder = BNStatsRecorder(bns, statistic="var")
         self._targets = running_targets(bns, statistic="var")
         self._bns = BNStatsLoss(distance="mse", layer_weighting="average")
+
+    def reset_ranges(self, run: TrainingRun) -> None:
+        """Let the generator's images set the activation ranges during the observer window."""
+        if run.toolchain.reset_observers(run.student) == 0 and run.d.ranges != "learned":
+            warnings.warn(f"{run.toolchain.name}'s student has no range observers to reset: its ranges stay as "
+                          "calibrated on the source set. Pass ranges='learned' to adapt them to the generator.",
+                          stacklevel=3)
 
     def setup(self, run: TrainingRun) -> None:
         if self.online:
