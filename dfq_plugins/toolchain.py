@@ -41,6 +41,10 @@ class Toolchain:
         """Fine-tuning mode of the GDFQ family: BN on running statistics, fake-quant still active."""
         return student.eval()
 
+    def student_train(self, student: Any) -> Any:
+        """Training mode: BN normalises with batch statistics and updates its running ones."""
+        return student.train()
+
     def set_observers(self, student: Any, enabled: bool) -> int:
         """Switch the activation range observers on or off (weights keep tracking); returns how many."""
         count = 0

@@ -150,6 +150,17 @@ def test_nncf_ranges_are_learned_only_when_asked(trained):
         assert moved == should_move, ranges
 
 
+def test_bn_statistics_stay_frozen_unless_batch_mode_is_asked(trained):
+    for mode, should_move in (("running", False), ("batch", True)):
+        chain, student = student_for(trained)
+        stats = {n: b.clone() for n, b in student.named_buffers() if n.endswith("running_mean")}
+        make_distiller({"name": "kd", "bn_mode": mode}, steps=3).distill(
+            Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
+        moved = any(not torch.equal(b, dict(student.named_buffers())[n]) for n, b in stats.items())
+        assert moved == should_move, mode
+        assert not student.training  # handed back ready for conversion
+
+
 def test_learned_ranges_on_an_observer_toolchain_is_a_clear_error(trained):
     chain, student = student_for(trained)
     with pytest.raises(ValueError, match="ranges='learned'"):

@@ -42,6 +42,7 @@ class Distiller:
     ranges: str = "frozen"  # after observer_steps: frozen | observe | learned (NNCF)
     time_budget_s: float = 0.0  # stop early after this much wall time (0: steps only)
     checkpoint_every: int = 200
+    bn_mode: str = "running"  # running: BN on its running statistics (GDFQ family); batch: BN in train mode
 
     speed_only_fields: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
 
@@ -50,6 +51,9 @@ class Distiller:
             raise ValueError("steps must be at least 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.bn_mode not in ("running", "batch"):
+            raise ValueError(f"bn_mode={self.bn_mode!r}; choose 'running' (BN statistics frozen, as the GDFQ "
+                             "family fine-tunes) or 'batch' (BN re-estimated on the synthetic batches)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
@@ -80,7 +84,10 @@ class Distiller:
         if self.requires_source() and source is None:
             raise ValueError(f"distiller {self.name!r} trains on a calibration set; pass source=CalibrationSet "
                              "(e.g. dfq_plugins.synthesize(model, 'intraq'))")
-        toolchain.student_eval(student)
+        if self.bn_mode == "batch":
+            toolchain.student_train(student)
+        else:
+            toolchain.student_eval(student)
         run = TrainingRun(self, teacher, student, toolchain, source, seed, workdir, key or self.name, progress)
         run.add_student()
         with torch.random.fork_rng():  # generator initialisation, without touching the caller's RNG

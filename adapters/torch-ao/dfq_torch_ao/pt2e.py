@@ -165,6 +165,12 @@ class PT2EToolchain(Toolchain):
         move_exported_model_to_eval(student)
         return student
 
+    def student_train(self, student: Any) -> Any:
+        from torchao.quantization.pt2e import move_exported_model_to_train
+
+        move_exported_model_to_train(student)
+        return student
+
     def convert(self, prepared: Any) -> nn.Module:
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
