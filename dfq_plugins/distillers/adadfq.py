@@ -7,7 +7,8 @@ the normalised disagreement entropy h~ of softmax(d) inside [lambda_l, lambda_u]
 over the batch (the released code; ``batch_min_normalisation=False`` uses h / log C).
 Student loss on the detached x: ``-T^2 mean H(softmax((z_P - z_Q) / T))``, no CE or KD term,
 as in the released code. No student updates during ``warmup_steps``; with ``recalibrate`` the
-activation ranges are re-observed on the generator's images during ``observer_steps``.
+activation ranges are re-observed on the generator's images, and on the CPU budget they keep
+following it (``ranges="observe"``; the release freezes them after 4 of 400 epochs).
 
 Differences from the release: any batch size (its margin loss hard-codes 16); the student is
 whatever the toolchain builds (not the papers' Protocol-A quantizer); steps, LR and schedule
@@ -40,8 +41,9 @@ class AdaDFQDistiller(KDDistiller):
     beta: float = 1.0
     gamma: float = 1.0
     batch_min_normalisation: bool = True
-    warmup_steps: int = 50
-    observer_steps: int = 50
+    warmup_steps: int = 100
+    observer_steps: int = 100
+    ranges: str = "observe"  # the generator keeps changing: ranges follow it (frozen ones cost 15 points)
     recalibrate: bool = True
 
     def __post_init__(self) -> None:

@@ -53,8 +53,9 @@ class CausalDFQDistiller(KDDistiller):
     dr_weight: float = 0.1
     invariance_weight: float = 1.0
     divergence: str = "kl"
-    warmup_steps: int = 50
-    observer_steps: int = 50
+    warmup_steps: int = 100
+    observer_steps: int = 100
+    ranges: str = "observe"  # the generator keeps changing: ranges follow it (frozen ones cost 15 points)
     recalibrate: bool = True
 
     def __post_init__(self) -> None:
