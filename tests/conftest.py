@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real models, the ResNet-20 checkpoint when the assets exist, temp caches."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -51,9 +52,8 @@ def make_tiny(channels: int = 3, seed: int = 0) -> nn.Module:
     return m.eval()
 
 
-def make_trained_tiny() -> nn.Module:
-    """TinyNet trained for a second on a 4-class colour task (red, green, blue or dark images), so
-    its logits mean something and label-conditioned synthesis can reach its targets."""
+@functools.lru_cache(maxsize=1)
+def _trained_tiny_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     m = TinyNet(3)
     opt = torch.optim.Adam(m.parameters(), lr=0.02)
@@ -68,6 +68,17 @@ def make_trained_tiny() -> nn.Module:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def make_trained_tiny() -> nn.Module:
+    """TinyNet trained for a second on a 4-class colour task (red, green, blue or dark images), so
+    its logits mean something and label-conditioned synthesis can reach its targets. Trained once
+    per session; every call returns a fresh copy (and leaves the global RNG as training did)."""
+    state = _trained_tiny_state()
+    torch.manual_seed(0)
+    m = TinyNet(3)
+    m.load_state_dict(state)
     return m.eval()
 
 
