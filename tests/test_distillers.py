@@ -268,11 +268,11 @@ def test_bench_rows_record_calibrated_and_distilled_accuracy(resnet20, tmp_path)
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--quiet", "--model", "cifar10-resnet20", "--toolchain", "torch-ao-fx", "--scheme",
-                 "w4a4", "--rows", "noise+kd,noise", "--images", "32", "--steps", "3", "--test-limit", "100",
+                 "w4a4", "--rows", "real+kd,noise", "--images", "32", "--steps", "3", "--test-limit", "100",
                  "--json", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
-    assert {(r["source"], r["distill"]) for r in records} == {("noise", "kd"), ("noise", None)}
+    assert {(r["source"], r["distill"]) for r in records} == {("real", "kd"), ("noise", None)}
     distilled = next(r for r in records if r["distill"])
     assert distilled["distill_steps"] == 3 and distilled["distill_config"]["steps"] == 3
     assert "top1_calibrated" in distilled
-    assert "noise+kd" in (tmp_path / "bench.md").read_text()
+    assert "real+kd" in (tmp_path / "bench.md").read_text()

@@ -131,10 +131,11 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
     images, labels = test.images, test.labels
     if plan.test_limit:
         images, labels = images[: plan.test_limit], labels[: plan.test_limit]
-    plotted = [src for src in plan.difficulty_plots if src in plan.sources] if json_path is not None else []
-    wants_pool = "real" in plan.sources or bool(plotted)
+    row_sources = [src for src, _ in plan.rows()]
+    plotted = [src for src in plan.difficulty_plots if src in row_sources] if json_path is not None else []
+    wants_pool = "real" in row_sources or bool(plotted)
     pool = entry.calibration_pool() if wants_pool and entry.calibration_pool else None
-    if "real" in plan.sources and pool is None:
+    if "real" in row_sources and pool is None:
         raise ValueError(f"model {plan.model!r} has no real calibration pool for source 'real'")
 
     records = load_records(json_path)
