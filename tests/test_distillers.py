@@ -98,6 +98,30 @@ def test_interrupted_run_resumes_to_the_same_student(trained, tmp_path):
         assert torch.equal(value, got[name]), name
 
 
+def test_sigterm_checkpoints_like_ctrl_c(trained, tmp_path):
+    import os
+    import signal
+
+    chain, student = student_for(trained)
+    kd = make_distiller({"name": "kd", "checkpoint_every": 0}, steps=10)
+    original_step = kd.train_step
+
+    def terminate_at_4(run, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(run, step)
+
+    kd.train_step = terminate_at_4
+    with pytest.raises(KeyboardInterrupt):
+        kd.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain,
+                   progress=False, workdir=tmp_path, key="k")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["dfq_checkpoint"])["step"] in (4, 5)
+    assert signal.getsignal(signal.SIGTERM) is not None
+
+
 def test_a_checkpoint_of_another_run_is_refused(trained, tmp_path):
     cs = calibration_set()
     chain, student = student_for(trained)

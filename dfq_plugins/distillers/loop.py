@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -183,6 +185,10 @@ class TrainingRun:
         return True
 
     def run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
+        with _terminate_as_interrupt():
+            self._run(train_step)
+
+    def _run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
         d = self.d
         total = d.steps
         bar = progress_bar(total=total, desc=f"distill {d.name}", enabled=self.progress, initial=self.step)
@@ -215,6 +221,26 @@ class TrainingRun:
             bar.close()
         self.extra["steps_done"] = self.step
         self.save()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a killed background job, a scheduler's time limit) checkpoints like Ctrl-C.
+
+    Background jobs of a non-interactive shell ignore SIGINT, so SIGTERM is how they get stopped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["LR_SCHEDULES", "RANGE_MODES", "Trainable", "TrainingRun", "lr_factor"]
