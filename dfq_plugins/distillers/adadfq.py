@@ -24,15 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import entropy
-from .kd import KDDistiller
+from .kd import OnlineDistiller
 from .loop import TrainingRun
 
 
 @dataclass
-class AdaDFQDistiller(KDDistiller):
+class AdaDFQDistiller(OnlineDistiller):
     name: ClassVar[str] = "adadfq"
 
-    online: bool = True
     temperature: float = 20.0  # T of the student loss (CIFAR 20, ImageNet 5)
     alpha_ds: float = 0.2
     alpha_as: float = 0.1
@@ -41,22 +40,11 @@ class AdaDFQDistiller(KDDistiller):
     beta: float = 1.0
     gamma: float = 1.0
     batch_min_normalisation: bool = True
-    warmup_steps: int = 100
-    observer_steps: int = 100
-    ranges: str = "observe"  # the generator keeps changing: ranges follow it (frozen ones cost 15 points)
-    recalibrate: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.online:
-            raise ValueError("adadfq always trains its own generator (online=True)")
         if not 0 <= self.lambda_l <= self.lambda_u <= 1:
             raise ValueError(f"need 0 <= lambda_l <= lambda_u <= 1, got {self.lambda_l}, {self.lambda_u}")
-
-    def setup(self, run: TrainingRun) -> None:
-        self.setup_generator(run)
-        if self.recalibrate:  # a resumed run restores its observers from the checkpoint
-            self.reset_ranges(run)
 
     def margin_loss(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = entropy(d)

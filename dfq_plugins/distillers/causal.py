@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..losses import kd_loss
 from .batches import shift_flip
-from .kd import KDDistiller
+from .kd import OnlineDistiller
 from .loop import TrainingRun
 
 INTERVENTION_SPACES = ("latent", "pixel")
@@ -42,10 +41,9 @@ def divergence(p: torch.Tensor, q: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @dataclass
-class CausalDFQDistiller(KDDistiller):
+class CausalDFQDistiller(OnlineDistiller):
     name: ClassVar[str] = "causal"
 
-    online: bool = True
     reconstructed: bool = True  # a marker in every record: this method is a reconstruction
     interventions: int = 4
     style_dim: int = 64
@@ -53,15 +51,9 @@ class CausalDFQDistiller(KDDistiller):
     dr_weight: float = 0.1
     invariance_weight: float = 1.0
     divergence: str = "kl"
-    warmup_steps: int = 100
-    observer_steps: int = 100
-    ranges: str = "observe"  # the generator keeps changing: ranges follow it (frozen ones cost 15 points)
-    recalibrate: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.online:
-            raise ValueError("causal always trains its own content/style generator (online=True)")
         if self.intervention_space not in INTERVENTION_SPACES:
             raise ValueError(f"intervention_space={self.intervention_space!r}; choose one of {INTERVENTION_SPACES}")
         if self.divergence not in DIVERGENCES:
@@ -69,10 +61,8 @@ class CausalDFQDistiller(KDDistiller):
         if self.interventions < 2 or self.batch_size < self.interventions:
             raise ValueError("need interventions >= 2 and batch_size >= interventions (contents x interventions)")
 
-    def setup(self, run: TrainingRun) -> None:
-        self.setup_generator(run, style_dim=self.style_dim)
-        if self.recalibrate:  # a resumed run restores its observers from the checkpoint
-            self.reset_ranges(run)
+    def generator_style_dim(self) -> int:
+        return self.style_dim
 
     def intervened_images(self, run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(contents x K) images, grouped by content: rows c*K .. c*K+K-1 share class y_c."""
@@ -96,18 +86,14 @@ class CausalDFQDistiller(KDDistiller):
         return align, inv
 
     def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
+        losses: dict[str, float] = {}
         x, y = self.intervened_images(run, step)
-        with self._recorder.record():
-            z_p = run.teacher(x)
-        g_ce = F.cross_entropy(z_p, y)
-        g_bns = self._bns(self._recorder.stats, self._targets)
-        run.update("generator", g_ce + self.bns_weight * g_bns)
-        x, z_p = x.detach(), z_p.detach()
+        x, z_p = self.gdfq_generator_step(run, x, y, losses)
         z_q = run.student(x)
         loss, parts = self.student_loss(z_q, z_p, y)
         align, inv = self.discrepancy_loss(z_p, z_q)
         run.update_student(loss + self.dr_weight * (align + self.invariance_weight * inv))
-        return {"g_ce": g_ce.detach().item(), "g_bns": g_bns.detach().item(), **parts, "dr_align": align.detach().item(), "dr_inv": inv.detach().item()}
+        return {**losses, **parts, "dr_align": align.detach().item(), "dr_inv": inv.detach().item()}
 
 
 __all__ = ["CausalDFQDistiller", "divergence", "kd_loss"]

@@ -104,17 +104,22 @@ class KDDistiller(Distiller):
         z = torch.randn(self.batch_size, gen.code_dim(), generator=g)
         return gen(z, y), y
 
+    def gdfq_generator_step(self, run: TrainingRun, x: torch.Tensor, y: torch.Tensor,
+                            losses: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """GDFQ's generator update, CE(P(x), y) + bns_weight * BNS; returns detached (x, z_P)."""
+        with self._recorder.record():
+            z_p = run.teacher(x)
+        g_ce = F.cross_entropy(z_p, y)
+        g_bns = self._bns(self._recorder.stats, self._targets)
+        run.update("generator", g_ce + self.bns_weight * g_bns)
+        losses.update({"g_ce": g_ce.detach().item(), "g_bns": g_bns.detach().item()})
+        return x.detach(), z_p.detach()
+
     def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
         losses: dict[str, float] = {}
         if self.online:
             x, y = self.generator_images(run, step)
-            with self._recorder.record():
-                z_p = run.teacher(x)
-            g_ce = F.cross_entropy(z_p, y)
-            g_bns = self._bns(self._recorder.stats, self._targets)
-            run.update("generator", g_ce + self.bns_weight * g_bns)
-            x, z_p = x.detach(), z_p.detach()
-            losses.update({"g_ce": g_ce.detach().item(), "g_bns": g_bns.detach().item()})
+            x, z_p = self.gdfq_generator_step(run, x, y, losses)
         else:
             x, (y,) = sample_batch(self._images, self.batch_size, run.rng(step), self.augment, (self._labels,))
             z_p = run.teacher_logits(x)
@@ -122,3 +127,32 @@ class KDDistiller(Distiller):
         run.update_student(loss)
         losses.update(parts)
         return losses
+
+
+@dataclass
+class OnlineDistiller(KDDistiller):
+    """Shared by the distillers that bring their own generator (AdaDFQ, Causal-DFQ).
+
+    The activation observers are reset so the generator's images set the ranges, and on a short
+    budget they keep following it (``ranges="observe"``; frozen ranges cost 15 points in probes).
+    """
+
+    online: bool = True
+    warmup_steps: int = 100
+    observer_steps: int = 100
+    ranges: str = "observe"
+    recalibrate: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.online:
+            raise ValueError(f"{self.name} always trains its own generator (online=True)")
+
+    def generator_style_dim(self) -> int:
+        """Size of a separate style code (0: GDFQ's label embedding times z)."""
+        return 0
+
+    def setup(self, run: TrainingRun) -> None:
+        self.setup_generator(run, style_dim=self.generator_style_dim())
+        if self.recalibrate:  # a resumed run restores its observers from the checkpoint
+            self.reset_ranges(run)
