@@ -28,15 +28,20 @@ def resolve_model(model: nn.Module | str, input_spec: InputSpec | None) -> tuple
     return model, input_spec
 
 
+def split_named(spec: str | dict[str, Any], what: str) -> tuple[str, dict[str, Any]]:
+    """``"zeroq"`` -> ("zeroq", {}); ``{"name": "zeroq", "iterations": 100}`` -> ("zeroq", {...})."""
+    if not isinstance(spec, dict):
+        return spec, {}
+    config = dict(spec)
+    name = config.pop("name", None)
+    if not name:
+        raise ValueError(f"a {what} given as a table needs a 'name' key, got {sorted(spec)}")
+    return name, config
+
+
 def make_synthesizer(source: str | dict[str, Any], data: Any = None) -> Any:
     """``"zeroq"`` or ``{"name": "zeroq", "iterations": 100, ...}`` -> a configured synthesizer."""
-    if isinstance(source, dict):
-        config = dict(source)
-        name = config.pop("name", None)
-        if not name:
-            raise ValueError(f"a source given as a table needs a 'name' key, got {sorted(source)}")
-    else:
-        name, config = source, {}
+    name, config = split_named(source, "source")
     if name == "real" and data is not None:
         config["data"] = data
     return plugins.instantiate("synthesizers", name, config)
@@ -105,13 +110,7 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
 
 def make_distiller(distill: str | dict[str, Any], steps: int | None = None) -> Any:
     """``"kd"`` or ``{"name": "kd", "lr": 0.01, ...}`` -> a configured distiller (``steps`` overrides)."""
-    if isinstance(distill, dict):
-        config = dict(distill)
-        name = config.pop("name", None)
-        if not name:
-            raise ValueError(f"a distiller given as a table needs a 'name' key, got {sorted(distill)}")
-    else:
-        name, config = distill, {}
+    name, config = split_named(distill, "distiller")
     if steps is not None:
         config["steps"] = steps
     return plugins.instantiate("distillers", name, config)
