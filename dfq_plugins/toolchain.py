@@ -1,7 +1,9 @@
 """The toolchain contract adapters implement, and helpers they share."""
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,6 +65,31 @@ class Toolchain:
                 count += 1
         return count
 
+    @contextlib.contextmanager
+    def measuring(self, student: Any) -> Iterator[Any]:
+        """Evaluate a student without moving its ranges: eval mode, every observer off, both
+        restored after. An observer left on while evaluating would fit the ranges to the test set."""
+        training = student.training
+        switched = [m for m in student.modules() if _observing(m)]
+        self.student_eval(student)
+        for m in switched:
+            m.disable_observer()
+        try:
+            yield student
+        finally:
+            for m in switched:
+                m.enable_observer()
+            if training:
+                self.student_train(student)
+
+    def freeze_ranges(self, student: Any) -> Any:
+        """Eval mode with every observer off for good: a student used as a finished model."""
+        self.student_eval(student)
+        for m in student.modules():
+            if _observing(m):
+                m.disable_observer()
+        return student
+
     def range_parameters(self, student: Any) -> list[nn.Parameter]:
         """Quantizer ranges that are trainable parameters (NNCF's scales); observers have none."""
         return []
@@ -73,6 +100,12 @@ class Toolchain:
         prepared = self.prepare(model, scheme, example, trainable=trainable)
         prepared = self.calibrate(prepared, calibration_set)
         return prepared if trainable else self.convert(prepared)
+
+
+def _observing(module: nn.Module) -> bool:
+    """A torch.ao fake-quant module whose observer is currently on."""
+    flag = getattr(module, "observer_enabled", None)
+    return isinstance(flag, torch.Tensor) and hasattr(module, "disable_observer") and bool(flag.any())
 
 
 def _weight_fake_quant_names(student: Any) -> set[str]:

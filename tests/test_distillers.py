@@ -300,3 +300,25 @@ def test_bench_rows_record_calibrated_and_distilled_accuracy(resnet20, tmp_path)
     assert distilled["distill_steps"] == 3 and distilled["distill_config"]["steps"] == 3
     assert "top1_calibrated" in distilled
     assert "real+kd" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("toolchain", ["torch-ao-fx", "torchao-pt2e"])
+def test_measuring_a_student_leaves_its_ranges_alone(trained, toolchain):
+    chain, student = student_for(trained, toolchain)
+
+    def ranges() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in student.state_dict().items()
+                if k.endswith(("min_val", "max_val", "scale", "zero_point"))}
+
+    before = ranges()
+    assert before
+    far, _ = colour_images(64, seed=9)
+    with torch.no_grad(), chain.measuring(student):
+        student(far * 4)  # far outside the calibrated ranges
+    after = ranges()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert student.training  # the mode comes back too
+    chain.student_eval(student)  # the hazard it guards against: eval mode alone keeps observing
+    with torch.no_grad():
+        student(far * 4)
+    assert any(not torch.equal(before[k], v) for k, v in ranges().items())

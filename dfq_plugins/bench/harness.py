@@ -185,8 +185,8 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                     q = chains[tname].quantize(model, scheme, cs)
                 else:
                     student = chains[tname].quantize(model, scheme, cs, trainable=True)
-                    chains[tname].student_eval(student)
-                    rec["top1_calibrated"] = round(evaluate(student, images, labels), 2)
+                    with chains[tname].measuring(student):
+                        rec["top1_calibrated"] = round(evaluate(student, images, labels), 2)
                     t_dist = time.perf_counter()
                     student = run_distiller(distillers[distill], model, spec, student, cs, chains[tname], scheme,
                                             seed=seed, progress=progress)

@@ -83,3 +83,38 @@ def distill_table(records: list[dict[str, Any]]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]}+{key[4]} | {key[5]} | {key[6]} | {seeds} | "
                      f"{cal:.2f} | {statistics.mean(tops):.2f}{spread} | {secs:.0f} |")
     return "\n".join(lines)
+
+
+def _fractions(values: list[float]) -> str:
+    return " / ".join(f"{100 * v:.0f}" for v in values)
+
+
+def dynamic_table(record: dict[str, Any]) -> str:
+    """Fixed-bit variants, the learned selector's sweep and the cascade's, one row per point."""
+    labels = record["labels"]
+    head = ("| router | setting | avg G bit-FLOPs | top-1 | line between fixed | gain | % real to "
+            f"{'/'.join(labels)} | % synthetic (selector set) | precision (oracle) | recall (oracle) |")
+    lines = [head, "|" + "---|" * 10]
+    g = 1e9
+
+    def pr(values: list[float | None]) -> str:
+        return " / ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+    for f in record["fixed"]:
+        lines.append(f"| fixed | {f['label']} ({f['distill_steps']} steps) | {f['bit_flops'] / g:.3f} | "
+                     f"{f['top1']:.2f} | | | | | | |")
+    o = record["oracle"]
+    lines.append(f"| oracle | fewest bits agreeing with FP | {o['avg_bit_flops'] / g:.3f} | {o['top1']:.2f} | | | "
+                 f"{_fractions(o['fractions_real'])} | | | |")
+    for kind, key in (("selector", "target_fraction"), ("cascade", "escalate_fraction")):
+        for r in record[kind]:
+            line = "" if r["line_top1"] is None else f"{r['line_top1']:.2f}"
+            gain = "" if r["gain_over_line"] is None else f"{r['gain_over_line']:+.2f}"
+            setting = f"target {r[key]:.2f}" if kind == "selector" else f"escalate {r[key]:.2f}"
+            lines.append(f"| {kind} | {setting} | {r['avg_bit_flops'] / g:.3f} | {r['top1']:.2f} | {line} | {gain} | "
+                         f"{_fractions(r['fractions_real'])} | {_fractions(r['fractions_synthetic_selector_set'])} | "
+                         f"{pr(r['oracle']['precision'])} | {pr(r['oracle']['recall'])} |")
+    t = record["timing"]
+    lines += ["", f"Wall clock of one batch of {t['batch']} real images (median of {t['repeats']}, "
+                  f"{t['threads']} threads): " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in t["median_ms"].items())]
+    return "\n".join(lines)

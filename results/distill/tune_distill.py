@@ -14,7 +14,7 @@ import torch
 torch.set_num_threads(1)
 import dfq_plugins as dq
 from dfq_plugins import plugins
-from dfq_plugins.api import evaluate
+from dfq_plugins.api import evaluate, make_toolchain
 
 name = sys.argv[1]; steps = int(sys.argv[2]); src = sys.argv[3] if len(sys.argv) > 3 else "zeroq"
 tc = sys.argv[4] if len(sys.argv) > 4 else "torch-ao-fx"
@@ -33,9 +33,11 @@ cs = dq.synthesize("cifar10-resnet20", src, num_samples=256, seed=0, batch_size=
      data=entry.calibration_pool() if src=="real" else None)
 scheme = "w4a4" if tc=="torch-ao-fx" else "w4a4-symact"
 st = dq.quantize(m, input_spec=spec, toolchain=tc, source=cs, scheme=scheme, trainable=True, progress=False)
-st.eval()
-print("before", evaluate(st, imgs, labels))
+chain = make_toolchain(tc)
+with chain.measuring(st):  # observers off: evaluating must not fit the ranges to the test images
+    print("before", evaluate(st, imgs, labels))
 t=time.time()
 st = dq.distill(m, st, cs, input_spec=spec, distiller={"name": name, **extra}, toolchain=tc, scheme=scheme, steps=steps, cache=False, progress=False)
 print("train s", time.time()-t)
-print("after", evaluate(st, imgs, labels))
+with chain.measuring(st):
+    print("after", evaluate(st, imgs, labels))

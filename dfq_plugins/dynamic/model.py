@@ -1,0 +1,118 @@
+"""DynamicQuantModel: quantized variants of one model at several bit-widths, and a router that
+sends each input to one of them."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """What one routed batch did: the outputs, each input's variant index and its bit-FLOPs."""
+
+    logits: torch.Tensor
+    choices: torch.Tensor
+    cost: torch.Tensor
+
+
+def run_grouped(x: torch.Tensor, choices: torch.Tensor, variants: Sequence[nn.Module]) -> torch.Tensor:
+    """Group the batch by choice, run each group through its variant once, restore the order."""
+    out: torch.Tensor | None = None
+    for k in torch.unique(choices).tolist():
+        idx = (choices == k).nonzero(as_tuple=True)[0]
+        y = variants[k](x[idx])
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out[idx] = y
+    assert out is not None
+    return out
+
+
+class SelectorRouter(nn.Module):
+    """A learned bit selector: one forward of the selector, the arg-max variant for each input."""
+
+    def __init__(self, selector: nn.Module, cost: float = 0.0) -> None:
+        super().__init__()
+        self.selector, self.cost = selector, float(cost)
+
+    def choose(self, x: torch.Tensor) -> torch.Tensor:
+        return self.selector(x).argmax(1)
+
+    def route(self, x: torch.Tensor, variants: Sequence[nn.Module], costs: torch.Tensor) -> Routing:
+        choices = self.choose(x)
+        return Routing(run_grouped(x, choices, variants), choices, costs[choices] + self.cost)
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """DynaDFQ's difficulty measure: the entropy of the softmax prediction, in nats."""
+    logp = torch.log_softmax(logits.float(), 1)
+    return -(logp.exp() * logp).sum(1)
+
+
+class CascadeRouter(nn.Module):
+    """The threshold baseline: run the cheapest variant; while the current prediction's entropy
+    exceeds ``threshold``, run the next dearer variant. An input pays for every stage it ran."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+        self.cost = 0.0
+
+    def route(self, x: torch.Tensor, variants: Sequence[nn.Module], costs: torch.Tensor) -> Routing:
+        idx = torch.arange(x.shape[0])
+        logits = variants[0](x)
+        out = logits.clone()
+        choices = torch.zeros(x.shape[0], dtype=torch.long)
+        cost = costs[0].expand(x.shape[0]).clone()
+        for k in range(1, len(variants)):
+            hard = prediction_entropy(logits) > self.threshold
+            if not hard.any():
+                break
+            idx = idx[hard]
+            logits = variants[k](x[idx])
+            out[idx] = logits
+            choices[idx] = k
+            cost[idx] += costs[k]
+        return Routing(out, choices, cost)
+
+
+class DynamicQuantModel(nn.Module):
+    """Quantized variants of one model (students while training, converted models to deploy) and
+    a router; ``forward`` returns logits in input order. ``last_routing`` keeps the last batch's
+    choices and per-input bit-FLOPs.
+
+    ``variants`` maps a label (``"w4a4"``) to its model and ``costs`` the label to its bit-FLOPs
+    per input; variants are ordered cheapest first.
+    """
+
+    def __init__(self, variants: Mapping[str, nn.Module], costs: Mapping[str, float], router: nn.Module) -> None:
+        super().__init__()
+        missing = set(variants) - set(costs)
+        if missing:
+            raise ValueError(f"no bit-FLOPs given for variants {sorted(missing)}; pass costs for every variant")
+        if len(variants) < 2:
+            raise ValueError("a dynamic model needs at least two variants")
+        order = sorted(variants, key=lambda k: costs[k])
+        self.labels = order
+        self.variants = nn.ModuleList([variants[k] for k in order])
+        self.register_buffer("costs", torch.tensor([float(costs[k]) for k in order], dtype=torch.float64))
+        self.router = router
+        self.last_routing: Routing | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.router.route(x, list(self.variants), self.costs)
+        self.last_routing = routing
+        return routing.logits
+
+    @torch.no_grad()
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every variant's logits, stacked (variants, N, classes): what the selector trains on."""
+        return torch.stack([v(x) for v in self.variants])
+
+    def with_router(self, router: nn.Module) -> DynamicQuantModel:
+        """The same variants (shared, not copied) behind another router."""
+        return DynamicQuantModel(dict(zip(self.labels, self.variants, strict=True)),
+                                 dict(zip(self.labels, self.costs.tolist(), strict=True)), router)

@@ -1,0 +1,193 @@
+"""Dynamic bit-widths: bit-FLOPs, routing through real toolchain variants, the selector, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dfq_plugins import CalibrationSet, QuantScheme
+from dfq_plugins.api import make_toolchain
+from dfq_plugins.bench.dynamic import line_between
+from dfq_plugins.dynamic import (
+    BitSelector,
+    CascadeRouter,
+    DynamicQuantModel,
+    SelectorConfig,
+    SelectorRouter,
+    bit_flops,
+    choice_fractions,
+    layer_macs,
+    oracle_choices,
+    precision_recall,
+    stem_of,
+    train_selector,
+)
+from dfq_plugins.dynamic.build import build_variants, parse_bits, parse_steps
+
+from .conftest import TINY_SPEC, make_trained_tiny
+from .test_distillers import colour_images
+
+
+def test_bit_flops_count_macs_times_bits_with_layer_overrides():
+    model = make_trained_tiny()
+    # conv1 3->8 at 16x16, conv2 8->16 stride 2 (8x8), fc 16->4
+    assert layer_macs(model, TINY_SPEC.shape) == [("conv1", 8 * 256 * 27), ("conv2", 16 * 64 * 72), ("fc", 64)]
+    total = 8 * 256 * 27 + 16 * 64 * 72 + 64
+    assert bit_flops(model, TINY_SPEC.shape, "w4a4") == total * 16
+    scheme = QuantScheme.from_dict({"name": "w4a4", "first_layer": {"weight_bits": 8, "act_bits": 8}})
+    assert bit_flops(model, TINY_SPEC.shape, scheme) == 8 * 256 * 27 * 64 + (16 * 64 * 72 + 64) * 16
+    assert bit_flops(model, TINY_SPEC.shape, None) == total * 32 * 32
+    assert model.training is False
+
+
+class BrightnessSelector(nn.Module):
+    """Chooses the dear variant for bright images: a known routing to check the plumbing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x.mean((1, 2, 3)) > 0).float()
+        return torch.stack([1 - bright, bright], 1)
+
+
+@pytest.fixture(scope="module")
+def variants():
+    model = make_trained_tiny()
+    x, _ = colour_images(64, seed=1)
+    cs = CalibrationSet(x, batch_size=16, manifest={"input_spec": TINY_SPEC.to_dict()})
+    built = build_variants(model, TINY_SPEC, make_toolchain("torch-ao-fx"), cs, [2, 8], steps={2: 0, 8: 0},
+                           progress=False)
+    return model, built
+
+
+@pytest.mark.parametrize("which", ["student", "deployed"])
+def test_routing_sends_each_input_to_its_variant_in_order(variants, which):
+    _, built = variants
+    models = {v.label: getattr(v, which) for v in built}
+    costs = {v.label: v.bit_flops for v in built}
+    dyn = DynamicQuantModel(models, costs, SelectorRouter(BrightnessSelector(), cost=5.0))
+    x, _ = colour_images(40, seed=3)
+    x = x + torch.linspace(-1, 1, 40).view(-1, 1, 1, 1)  # a mix of dark and bright inputs
+    with torch.no_grad():
+        out = dyn(x)
+        choices = dyn.last_routing.choices
+        assert 0 < int(choices.sum()) < 40
+        one_by_one = torch.cat([dyn.variants[int(c)](x[i:i + 1]) for i, c in enumerate(choices)])
+    torch.testing.assert_close(out, one_by_one)
+    assert dyn.labels == ["w2a2", "w8a8"]
+    expected = torch.tensor([costs[dyn.labels[int(c)]] + 5.0 for c in choices], dtype=torch.float64)
+    torch.testing.assert_close(dyn.last_routing.cost, expected)
+    # the two variants really differ, so routing matters
+    assert not torch.allclose(dyn.variants[0](x), dyn.variants[1](x))
+
+
+def test_cascade_runs_the_cheap_variant_first_and_pays_for_every_stage(variants):
+    _, built = variants
+    dyn = DynamicQuantModel({v.label: v.deployed for v in built}, {v.label: v.bit_flops for v in built},
+                            CascadeRouter(float("inf")))
+    x, _ = colour_images(32, seed=4)
+    cheap, dear = built[0].bit_flops, built[1].bit_flops
+    with torch.no_grad():
+        torch.testing.assert_close(dyn(x), dyn.variants[0](x))
+        assert dyn.last_routing.cost.eq(cheap).all()
+        everyone = dyn.with_router(CascadeRouter(-1.0))
+        torch.testing.assert_close(everyone(x), dyn.variants[1](x))
+        assert everyone.last_routing.choices.eq(1).all() and everyone.last_routing.cost.eq(cheap + dear).all()
+
+
+def test_oracle_picks_the_fewest_bits_that_agree_and_precision_recall():
+    logits = torch.tensor([[[1.0, 0], [1, 0], [0, 1]],  # cheap: class 0, 0, 1
+                           [[1, 0], [0, 1], [1, 0]],  # middle
+                           [[0, 1], [0, 1], [1, 0]]])  # dear
+    reference = torch.tensor([0, 1, 0])
+    oracle = oracle_choices(logits, reference)
+    assert oracle.tolist() == [0, 1, 1]
+    assert oracle_choices(logits, torch.tensor([1, 0, 0])).tolist() == [2, 0, 1]  # none agree -> dearest
+    pr = precision_recall(torch.tensor([0, 2, 1]), oracle, 3)
+    assert pr["precision"] == [1.0, 1.0, 0.0] and pr["recall"] == [1.0, 0.5, None]
+    assert pr["exact"] == pytest.approx(2 / 3) and pr["enough_bits"] == 1.0
+    assert choice_fractions(torch.tensor([0, 2, 2, 2]), 3) == [0.25, 0.0, 0.75]
+
+
+def synthetic_routing_task(n: int = 512):
+    """Inputs whose brightness decides whether the cheap variant is wrong: a selector must learn it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 16, 16, generator=g) * 0.3 + torch.randn(n, 1, 1, 1, generator=g)
+    hard = x.mean((1, 2, 3)) > 0
+    teacher = torch.randn(n, 4, generator=g) * 3
+    cheap = teacher.clone()
+    cheap[hard] = cheap[hard].roll(1, dims=1)  # the cheap variant gets the hard half wrong
+    return x, torch.stack([cheap, teacher.clone()]), teacher, hard
+
+
+@pytest.mark.parametrize("surrogate", ["expected", "straight-through"])
+def test_selector_learns_which_inputs_need_bits_within_its_budget(surrogate):
+    x, variant_logits, teacher, hard = synthetic_routing_task()
+    costs = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    torch.manual_seed(0)
+    selector = BitSelector(3, 2)
+    cfg = SelectorConfig(steps=300, batch_size=128, lr=1e-2, surrogate=surrogate)
+    train_selector(selector, x, variant_logits, teacher, costs, target=2.5, config=cfg, progress=False)
+    with torch.no_grad():
+        choices = selector(x).argmax(1)
+    avg = float(costs[choices].mean())
+    assert avg <= 2.5 * 1.1, avg  # the budget holds (about half may go to the dear variant)
+    dear = choices == 1
+    assert float((dear == hard).float().mean()) > 0.85  # and it is the hard half that gets the bits
+    # a tight budget sends fewer inputs up
+    torch.manual_seed(0)
+    tight = BitSelector(3, 2)
+    train_selector(tight, x, variant_logits, teacher, costs, target=1.6, config=cfg, progress=False)
+    with torch.no_grad():
+        assert int(tight(x).argmax(1).sum()) < int(dear.sum())
+
+
+def test_stem_selector_keeps_the_model_stem_frozen():
+    model = make_trained_tiny()
+    selector = BitSelector(3, 2, features="stem", stem=stem_of(model), resolution=8)
+    before = {k: v.clone() for k, v in selector.body.state_dict().items()}
+    x, variant_logits, teacher, _ = synthetic_routing_task(128)
+    train_selector(selector, x, variant_logits, teacher, torch.tensor([1.0, 4.0]), target=2.0,
+                   config=SelectorConfig(steps=20), progress=False)
+    for k, v in selector.body.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert selector.body[0].weight.data_ptr() != model.conv1.weight.data_ptr()  # a copy, not the teacher's own
+    assert bit_flops(selector, TINY_SPEC.shape, None, bits=(32, 32)) > 0
+    with pytest.raises(ValueError, match="stem"):
+        BitSelector(3, 2, features="stem")
+
+
+def test_bad_dynamic_settings_are_clear_errors():
+    assert parse_bits("8,4,6,4") == [4, 6, 8]
+    with pytest.raises(ValueError, match="at least two"):
+        parse_bits("4")
+    assert parse_steps("4:500,8:0", [4, 8], 0) == {4: 500, 8: 0}
+    assert parse_steps(100, [4, 8], 0) == {4: 100, 8: 100}
+    with pytest.raises(ValueError, match="no budget for bit-widths \\[6\\]"):
+        parse_steps("4:500,8:0", [4, 6, 8], 0)
+    with pytest.raises(ValueError, match="BITS:STEPS"):
+        parse_steps("4=500", [4], 0)
+    with pytest.raises(ValueError, match="surrogate"):
+        SelectorConfig(surrogate="gumbel")
+    fixed = [{"bit_flops": 1.0, "top1": 80.0}, {"bit_flops": 3.0, "top1": 90.0}]
+    assert line_between(fixed, 2.0) == 85.0 and line_between(fixed, 4.0) is None
+
+
+def test_cli_dynamic_writes_record_table_and_plot(resnet20, tmp_path, capsys):
+    from dfq_plugins.cli import main
+
+    out = tmp_path / "dyn.json"
+    assert main(["dynamic", "--quiet", "--bits", "4,8", "--source", "noise", "--images", "32", "--steps", "4:3,8:0",
+                 "--test-limit", "64", "--targets", "0.5", "--escalate", "0.3", "--copies", "2",
+                 "--references", "noise", "--selector-set", "steps=20", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [f["label"] for f in record["fixed"]] == ["w4a4", "w8a8"]
+    assert record["fixed"][0]["distill_steps"] == 3 and record["fixed"][1]["distill_steps"] == 0
+    assert record["fixed"][0]["bit_flops"] * 4 == record["fixed"][1]["bit_flops"]
+    row = record["selector"][0]
+    assert sum(row["fractions_real"]) == pytest.approx(1.0)
+    assert record["selector_bit_flops"] > 0 and row["avg_bit_flops"] >= record["fixed"][0]["bit_flops"]
+    assert record["cascade"][0]["avg_bit_flops"] >= record["fixed"][0]["bit_flops"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert out.with_suffix(".md").read_text().startswith("| router |")
+    assert "cascade" in capsys.readouterr().out
