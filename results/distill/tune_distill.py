@@ -28,7 +28,7 @@ extra = {k: conv(v) for k, v in extra.items()}
 entry = plugins.get("models","cifar10-resnet20").obj
 m, spec = entry.load()
 test = entry.test_set()
-imgs, labels = test.images[:2000], test.labels[:2000]
+imgs, labels = test.images, test.labels
 cs = dq.synthesize("cifar10-resnet20", src, num_samples=256, seed=0, batch_size=32, progress=False,
      data=entry.calibration_pool() if src=="real" else None)
 scheme = "w4a4" if tc=="torch-ao-fx" else "w4a4-symact"
