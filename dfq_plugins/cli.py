@@ -182,20 +182,18 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
     apply_overrides({"selector": selector}, [f"selector.{kv}" for kv in args.selector_set or []])
     distill = s.get("distill") or "kd"
     source = args.source or recipe.get("source") or "dynadfq"  # difficulty-diverse data by default
+    extra: dict[str, Any] = {key: [float(v) for v in split_list(s[key])] for key in ("targets", "escalate")
+                             if s.get(key)}
+    extra.update({key: int(s[key]) for key in ("copies", "selector_bits") if s.get(key)})
+    if s.get("references") is not None:
+        extra["references"] = split_list(s["references"])
     plan = DynamicPlan(
         model=s["model"], toolchain=s["toolchain"], bits=bits, source=source,
         source_config=s["sources"].get(source, {}), images=int(s["images"]), seed=int(s["seed"]),
         batch_size=int(s["batch_size"]), distill=distill, distill_config=s["distillers"].get(distill, {}),
         steps=parse_steps(s.get("steps"), bits, 0) if s.get("steps") is not None else default_dynamic_steps(bits),
-        features=s.get("features") or "image", selector=SelectorConfig(**selector), test_limit=s.get("test_limit"))
-    for key in ("targets", "escalate"):
-        if s.get(key):
-            setattr(plan, key, [float(v) for v in split_list(s[key])])
-    if s.get("references") is not None:
-        plan.references = split_list(s["references"])
-    for key in ("copies", "selector_bits"):
-        if s.get(key):
-            setattr(plan, key, int(s[key]))
+        features=s.get("features") or "image", selector=SelectorConfig.from_dict(selector), test_limit=s.get("test_limit"),
+        **extra)
     json_path = Path(s["json"]) if s.get("json") else None
     record = run_dynamic(plan, json_path, progress=not args.quiet)
     print(dynamic_table(record))

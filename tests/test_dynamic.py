@@ -175,6 +175,8 @@ def test_bad_dynamic_settings_are_clear_errors():
         parse_steps("4=500", [4], 0)
     with pytest.raises(ValueError, match="surrogate"):
         SelectorConfig(surrogate="gumbel")
+    with pytest.raises(ValueError, match="unknown selector options \\['stpes'\\]"):
+        SelectorConfig.from_dict({"stpes": 10})
     fixed = [{"bit_flops": 1.0, "top1": 80.0}, {"bit_flops": 3.0, "top1": 90.0}]
     assert line_between(fixed, 2.0) == 85.0 and line_between(fixed, 4.0) is None
 

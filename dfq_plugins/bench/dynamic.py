@@ -65,6 +65,14 @@ class DynamicPlan:
     timing_batch: int = 256
     test_limit: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("targets", "escalate"):
+            bad = [v for v in getattr(self, name) if not 0.0 <= v <= 1.0]
+            if bad:
+                raise ValueError(f"{name} are fractions between 0 and 1, got {bad}")
+        if self.copies < 1:
+            raise ValueError("copies must be at least 1 (the images themselves)")
+
 
 def line_between(fixed: list[dict[str, Any]], cost: float) -> float | None:
     """Accuracy of the straight line between the two fixed-bit variants around ``cost``."""
@@ -205,11 +213,13 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
         log(f"cascade escalate {e:.2f}: top-1 {row['top1']:.2f}% at {row['avg_bit_flops'] / GIGA:.3f} G "
             f"(line {row['line_top1']})")
 
-    middle = len(plan.targets) // 2
-    timing = routing_timing(dyn, images[: plan.timing_batch], {
-        f"selector-routed (target {plan.targets[middle]})": selectors[middle],
-        f"cascade (escalate {plan.escalate[len(plan.escalate) // 2]})":
-            CascadeRouter(cascade_rows[len(plan.escalate) // 2]["threshold"])})
+    timed: dict[str, torch.nn.Module] = {}
+    if selectors:
+        timed[f"selector-routed (target {plan.targets[len(selectors) // 2]})"] = selectors[len(selectors) // 2]
+    if cascade_rows:
+        middle = cascade_rows[len(cascade_rows) // 2]
+        timed[f"cascade (escalate {middle['escalate_fraction']})"] = CascadeRouter(middle["threshold"])
+    timing = routing_timing(dyn, images[: plan.timing_batch], timed)
     log("routing a batch of {batch}: ".format(**timing) + ", ".join(
         f"{name} {ms:.1f} ms" for name, ms in timing["median_ms"].items()))
     record = {"config": {**{k_: v for k_, v in asdict(plan).items() if k_ != "selector"},

@@ -43,6 +43,13 @@ class SelectorConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SelectorConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown selector options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
 
 @torch.no_grad()
 def augmented_copies(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
