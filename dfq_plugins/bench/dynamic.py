@@ -196,11 +196,11 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
         selector_cost = bit_flops(selector, spec.shape, None, bits=(plan.selector_bits, plan.selector_bits))
         history = train_selector(selector, sel_images, sel_logits, sel_teacher, dyn.costs, target, plan.selector,
                                  seed=plan.seed, progress=progress)
-        row = {"target_fraction": t, "target_bit_flops": round(target), **describe(SelectorRouter(selector,
-                                                                                                  selector_cost)),
+        router = SelectorRouter(selector, selector_cost)
+        row = {"target_fraction": t, "target_bit_flops": round(target), **describe(router),
                "train_fractions": history[-1]["fractions"]}
         selector_rows.append(row)
-        selectors.append(SelectorRouter(selector, selector_cost))
+        selectors.append(router)
         log(f"selector target {t:.2f}: top-1 {row['top1']:.2f}% at {row['avg_bit_flops'] / GIGA:.3f} G "
             f"(line {row['line_top1']}), real fractions {[round(f, 3) for f in row['fractions_real']]}")
 
