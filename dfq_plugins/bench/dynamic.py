@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import plugins
+from .. import losses, plugins
 from ..api import evaluate, make_toolchain, synthesize
 from ..dynamic import (
     BitSelector,
@@ -30,7 +30,6 @@ from ..dynamic import (
     choice_fractions,
     oracle_choices,
     precision_recall,
-    prediction_entropy,
     stem_of,
     train_selector,
 )
@@ -156,7 +155,7 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
                                                        for r in references))
 
     dyn = DynamicQuantModel(deployed, costs, CascadeRouter(float("inf")))
-    test_all = all_logits(dyn, images)
+    test_all = dyn.forward_all(images)
     oracle = oracle_choices(test_all, fp_logits.argmax(1))
     k = len(variants)
     oracle_cost = float(dyn.costs[oracle].mean())
@@ -165,7 +164,7 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
         f"fractions {[round(f, 3) for f in choice_fractions(oracle, k)]}")
 
     sel_images = augmented_copies(select_set.images.float(), plan.copies, plan.seed + 1)
-    sel_logits = all_logits(dyn, sel_images)
+    sel_logits = dyn.forward_all(sel_images)
     sel_teacher = batched(model, sel_images)
     synthetic = {"fractions_synthetic_selector_set": select_set.images.float(),
                  "fractions_synthetic_variant_set": train_set.images.float()}
@@ -204,7 +203,7 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
         log(f"selector target {t:.2f}: top-1 {row['top1']:.2f}% at {row['avg_bit_flops'] / GIGA:.3f} G "
             f"(line {row['line_top1']}), real fractions {[round(f, 3) for f in row['fractions_real']]}")
 
-    entropy = prediction_entropy(sel_logits[0][: select_set.images.shape[0]])
+    entropy = losses.entropy(sel_logits[0][: select_set.images.shape[0]])
     cascade_rows = []
     for e in plan.escalate:
         threshold = float(torch.quantile(entropy, 1.0 - e))
@@ -239,11 +238,6 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
         dynamic_plot(json_path.with_suffix(".png"), record)
         log(f"wrote {json_path}, {json_path.with_suffix('.md')} and {json_path.with_suffix('.png')}")
     return record
-
-
-def all_logits(dyn: DynamicQuantModel, x: torch.Tensor) -> torch.Tensor:
-    """Every variant's logits on ``x`` in batches: (variants, N, classes)."""
-    return torch.stack([batched(v, x) for v in dyn.variants])
 
 
 def routing_timing(dyn: DynamicQuantModel, batch: torch.Tensor, routers: dict[str, torch.nn.Module],

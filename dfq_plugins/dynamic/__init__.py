@@ -6,11 +6,10 @@ from .model import (
            DynamicQuantModel,
            Routing,
            SelectorRouter,
-           prediction_entropy,
 )
 from .selector import BitSelector, stem_of
 from .train import SelectorConfig, train_selector
 
 __all__ = ["BitSelector", "CascadeRouter", "DynamicQuantModel", "LayerCost", "Routing", "SelectorConfig",
            "SelectorRouter", "bit_flops", "choice_fractions", "layer_costs", "layer_macs", "oracle_choices",
-           "precision_recall", "prediction_entropy", "stem_of", "train_selector"]
+           "precision_recall", "stem_of", "train_selector"]

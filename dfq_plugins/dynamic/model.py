@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..losses import entropy
+
 
 @dataclass
 class Routing:
@@ -46,12 +48,6 @@ class SelectorRouter(nn.Module):
         return Routing(run_grouped(x, choices, variants), choices, costs[choices] + self.cost)
 
 
-def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """DynaDFQ's difficulty measure: the entropy of the softmax prediction, in nats."""
-    logp = torch.log_softmax(logits.float(), 1)
-    return -(logp.exp() * logp).sum(1)
-
-
 class CascadeRouter(nn.Module):
     """The threshold baseline: run the cheapest variant; while the current prediction's entropy
     exceeds ``threshold``, run the next dearer variant. An input pays for every stage it ran."""
@@ -68,7 +64,7 @@ class CascadeRouter(nn.Module):
         choices = torch.zeros(x.shape[0], dtype=torch.long)
         cost = costs[0].expand(x.shape[0]).clone()
         for k in range(1, len(variants)):
-            hard = prediction_entropy(logits) > self.threshold
+            hard = entropy(logits.float()) > self.threshold  # DynaDFQ's difficulty
             if not hard.any():
                 break
             idx = idx[hard]
@@ -108,9 +104,11 @@ class DynamicQuantModel(nn.Module):
         return routing.logits
 
     @torch.no_grad()
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Every variant's logits, stacked (variants, N, classes): what the selector trains on."""
-        return torch.stack([v(x) for v in self.variants])
+    def forward_all(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Every variant's logits in batches, stacked (variants, N, classes): what the selector
+        trains on and what the oracle compares."""
+        return torch.stack([torch.cat([v(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+                            for v in self.variants])
 
     def with_router(self, router: nn.Module) -> DynamicQuantModel:
         """The same variants (shared, not copied) behind another router."""
