@@ -28,6 +28,10 @@ class Toolchain:
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Raise UnsupportedSchemeError for a scheme this toolchain cannot express."""
 
+    def resolve_scheme(self, scheme: QuantScheme) -> QuantScheme:
+        """The scheme this toolchain will really run (``auto`` observers chosen); records name it."""
+        return scheme.resolved()
+
     def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
                 trainable: bool = False) -> Any:
         raise NotImplementedError
@@ -91,8 +95,15 @@ class Toolchain:
         return student
 
     def range_parameters(self, student: Any) -> list[nn.Parameter]:
-        """Quantizer ranges that are trainable parameters (NNCF's scales); observers have none."""
-        return []
+        """Quantizer ranges that are trainable parameters (NNCF's scales, learnable fake-quants)."""
+        from .quant.learnable import learned_range_parameters
+
+        return learned_range_parameters(student)
+
+    def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
+        """Turn the calibrated student's ranges into parameters (LSQ) and return them; a toolchain
+        whose ranges are parameters already returns those."""
+        return self.range_parameters(student)
 
     def quantize(self, model: nn.Module, scheme: QuantScheme, calibration_set: CalibrationSet, *,
                  trainable: bool = False) -> nn.Module:
@@ -103,9 +114,10 @@ class Toolchain:
 
 
 def _observing(module: nn.Module) -> bool:
-    """A torch.ao fake-quant module whose observer is currently on."""
-    flag = getattr(module, "observer_enabled", None)
-    return isinstance(flag, torch.Tensor) and hasattr(module, "disable_observer") and bool(flag.any())
+    """A torch.ao/torchao fake-quant module whose observer is currently on."""
+    from .quant.learnable import observer_is_on
+
+    return observer_is_on(module)
 
 
 def _weight_fake_quant_names(student: Any) -> set[str]:

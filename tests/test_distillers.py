@@ -185,9 +185,19 @@ def test_bn_statistics_stay_frozen_unless_batch_mode_is_asked(trained):
         assert not student.training  # handed back ready for conversion
 
 
-def test_learned_ranges_on_an_observer_toolchain_is_a_clear_error(trained):
-    chain, student = student_for(trained)
-    with pytest.raises(ValueError, match="ranges='learned'"):
+def test_learned_ranges_on_a_toolchain_without_learnable_ranges_is_a_clear_error(trained):
+    """FX, PT2E and NNCF all learn ranges now; a third-party toolchain that offers none must say so."""
+    from dfq_plugins.toolchain import Toolchain
+
+    class ObserverOnly(Toolchain):
+        name = "observer-only"
+
+        def make_ranges_learnable(self, student):
+            return []
+
+    _, student = student_for(trained)
+    chain = ObserverOnly()
+    with pytest.raises(ValueError, match="ranges='learned'.*observer-only"):
         make_distiller({"name": "kd", "ranges": "learned"}, steps=2).distill(
             Teacher(make_trained_tiny(), TINY_SPEC), student, calibration_set(), toolchain=chain, progress=False)
 

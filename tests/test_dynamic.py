@@ -189,7 +189,7 @@ def test_cli_dynamic_writes_record_table_and_plot(resnet20, tmp_path, capsys):
                  "--test-limit", "64", "--targets", "0.5", "--escalate", "0.3", "--copies", "2",
                  "--references", "noise", "--selector-set", "steps=20", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert [f["label"] for f in record["fixed"]] == ["w4a4", "w8a8"]
+    assert [f["label"] for f in record["fixed"]] == ["w4a4-wmse-ahist", "w8a8"]
     assert record["fixed"][0]["distill_steps"] == 3 and record["fixed"][1]["distill_steps"] == 0
     assert record["fixed"][0]["bit_flops"] * 4 == record["fixed"][1]["bit_flops"]
     row = record["selector"][0]

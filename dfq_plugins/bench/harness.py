@@ -158,8 +158,10 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
             for distill in [d for src, d in plan.rows() if src == source and seed in plan.seeds_of(src, d)]:
                 for tname in plan.toolchains:
                     for scheme in schemes:
+                        ran = chains[tname].resolve_scheme(scheme)
                         rec = {"model": plan.model, "testset": test.name if not plan.test_limit else
-                               f"{test.name}[:{plan.test_limit}]", "toolchain": tname, "scheme": scheme.name,
+                               f"{test.name}[:{plan.test_limit}]", "toolchain": tname, "scheme": ran.name,
+                               "protocol": ran.protocol,
                                "source": source, "distill": distill, "images": plan.images, "seed": seed,
                                "source_config": synth.config_dict(), "toolchain_config":
                                plan.toolchain_configs.get(tname, {})}
@@ -206,7 +208,7 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                 done.add(_run_key(rec))
                 extra = "" if distill is None else (f", calibrated {rec['top1_calibrated']:.2f}, "
                                                     f"{rec['distill_steps']} steps in {rec['distill_seconds']:.0f}s")
-                log(f"{tname:13s} {scheme.name:6s} {row_name(source, distill):14s} seed {seed}: top-1 {top1:.2f}% "
+                log(f"{tname:13s} {rec['scheme']:6s} {row_name(source, distill):14s} seed {seed}: top-1 {top1:.2f}% "
                     f"(fp {fp_top1:.2f}, synth {synth_seconds:.1f}s{extra})")
                 if json_path is not None:
                     atomic_write_text(json_path, json.dumps({"records": records}, indent=1))

@@ -39,7 +39,8 @@ class Distiller:
     lr_gamma: float = 0.1
     warmup_steps: int = 0  # no student updates before this step (ranges may still move)
     observer_steps: int = 0  # activation observers stay on for these first steps
-    ranges: str = "frozen"  # after observer_steps: frozen | observe | learned (NNCF)
+    ranges: str = "frozen"  # after observer_steps: frozen | observe | learned (LSQ scales on every toolchain)
+    range_lr_scale: float = 1.0  # learned ranges train at lr * this
     time_budget_s: float = 0.0  # stop early after this much wall time (0: steps only)
     checkpoint_every: int = 200
     bn_mode: str = "running"  # running: BN on its running statistics (GDFQ family); batch: BN in train mode

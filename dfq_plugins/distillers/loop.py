@@ -89,10 +89,13 @@ class TrainingRun:
         d = self.d
         if d.ranges not in RANGE_MODES:
             raise ValueError(f"ranges={d.ranges!r}; choose one of {RANGE_MODES}")
-        ranges = self.toolchain.range_parameters(self.student)
-        if d.ranges == "learned" and not ranges:
-            raise ValueError(f"ranges='learned' needs trainable quantizer ranges, and {self.toolchain.name}'s "
-                             "student has observers instead; use ranges='frozen' or 'observe' (or toolchain nncf)")
+        if d.ranges == "learned":
+            ranges = self.toolchain.make_ranges_learnable(self.student)
+            if not ranges:
+                raise ValueError(f"ranges='learned' needs trainable quantizer ranges, and {self.toolchain.name} "
+                                 "offers none for this student; use ranges='frozen' or 'observe'")
+        else:
+            ranges = self.toolchain.range_parameters(self.student)
         range_ids = {id(p) for p in ranges}
         for p in ranges:
             p.requires_grad_(d.ranges == "learned")
@@ -101,7 +104,7 @@ class TrainingRun:
             raise ValueError("the student has no trainable parameter: prepare it with trainable=True")
         groups = [{"params": params}]
         if d.ranges == "learned":
-            groups.append({"params": ranges, "weight_decay": 0.0})
+            groups.append({"params": ranges, "weight_decay": 0.0, "lr": d.lr * d.range_lr_scale})
         if d.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=d.lr, momentum=d.momentum,
                                                          nesterov=d.momentum > 0, weight_decay=d.weight_decay)

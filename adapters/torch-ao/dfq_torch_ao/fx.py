@@ -9,6 +9,8 @@ from torch import nn
 
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
+from dfq_plugins.quant.learnable import make_ranges_learnable
+from dfq_plugins.quant.protocols import apply_protocol
 from dfq_plugins.scheme import QuantScheme
 from dfq_plugins.toolchain import (
     INPUT_RANGES,
@@ -20,18 +22,15 @@ from dfq_plugins.toolchain import (
     run_calibration,
 )
 
+from .observers import activation_observer, weight_observer
+
 TRACEABLE_ELSEWHERE = "torchao-pt2e (torch.export) and nncf"
 
 
 def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
+    """MinMax or MSE-searched weights, MinMax or histogram activations, narrowed ranges below 8 bits."""
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.fake_quantize import FakeQuantize
-    from torch.ao.quantization.observer import (
-        MinMaxObserver,
-        MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver,
-        PerChannelMinMaxObserver,
-    )
 
     aqmin, aqmax = scheme.act_range(abits)
     wqmin, wqmax = scheme.weight_range(wbits)
@@ -40,26 +39,27 @@ def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
         qscheme=torch.per_tensor_symmetric if scheme.act_symmetric else torch.per_tensor_affine,
         quant_min=aqmin, quant_max=aqmax,
     )
+    w_obs = weight_observer("fx", scheme.weight_observer, scheme.weight_per_channel, trainable)
+    a_obs = activation_observer("fx", scheme.act_observer, trainable)
     if scheme.weight_per_channel:
         wq = torch.per_channel_symmetric if scheme.weight_symmetric else torch.per_channel_affine
-        w_obs = MovingAveragePerChannelMinMaxObserver if trainable else PerChannelMinMaxObserver
         w_kw = dict(dtype=torch.qint8, qscheme=wq, quant_min=wqmin, quant_max=wqmax, ch_axis=0)
     else:
         wq = torch.per_tensor_symmetric if scheme.weight_symmetric else torch.per_tensor_affine
-        w_obs = MovingAverageMinMaxObserver if trainable else MinMaxObserver
         w_kw = dict(dtype=torch.qint8, qscheme=wq, quant_min=wqmin, quant_max=wqmax)
     if trainable:
         return QConfig(
-            activation=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw),
+            activation=FakeQuantize.with_args(observer=a_obs, **act_kw),
             weight=FakeQuantize.with_args(observer=w_obs, **w_kw),
         )
-    return QConfig(activation=MinMaxObserver.with_args(**act_kw), weight=w_obs.with_args(**w_kw))
+    return QConfig(activation=a_obs.with_args(**act_kw), weight=w_obs.with_args(**w_kw))
 
 
 def qconfig_mapping_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False):
-    """A QConfigMapping from the scheme: MinMax observers, narrowed ranges below 8 bits."""
+    """A QConfigMapping from the (resolved) scheme, with its first/last-layer overrides."""
     from torch.ao.quantization import QConfigMapping
 
+    scheme = scheme.resolved()
     mapping = QConfigMapping().set_global(_qconfig(scheme, scheme.weight_bits, scheme.act_bits, trainable))
     first, last = first_and_last_layers(model)
     for name, override in ((first, scheme.first_layer), (last, scheme.last_layer)):
@@ -85,6 +85,7 @@ class FxToolchain(Toolchain):
         from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
         self.check_scheme(scheme)
+        scheme = scheme.resolved()
         m = private_copy(model, trainable)
         mapping = qconfig_mapping_for(m, scheme, trainable)
         with warnings.catch_warnings():
@@ -97,6 +98,7 @@ class FxToolchain(Toolchain):
                     f"torch.ao FX cannot symbolically trace {type(model).__name__} ({exc}). "
                     f"Use toolchain {TRACEABLE_ELSEWHERE}, which capture graphs differently."
                 ) from exc
+        prepared._dfq_protocol = apply_protocol(prepared, scheme.protocol, scheme.act_range(8))
         bits = [scheme.weight_bits, scheme.act_bits]
         for override in (scheme.first_layer, scheme.last_layer):
             if override is not None:
@@ -112,6 +114,10 @@ class FxToolchain(Toolchain):
             pin_input_observers(prepared, *input_bounds_of(calibration_set))
         prepared.train(was_training)
         return prepared
+
+    def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
+        """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""
+        return make_ranges_learnable(student, "fx")
 
     def convert(self, prepared: Any) -> nn.Module:
         """``convert_fx`` (int8 kernels) at 8 bits; below 8 bits the decomposed reference model.

@@ -1,6 +1,7 @@
 """torchao PT2E: torch.export with a dynamic batch dim, an X86InductorQuantizer built from the scheme."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -10,6 +11,8 @@ from torch import nn
 
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
+from dfq_plugins.quant.learnable import make_ranges_learnable
+from dfq_plugins.quant.protocols import apply_protocol
 from dfq_plugins.scheme import QuantScheme
 from dfq_plugins.toolchain import (
     INPUT_RANGES,
@@ -21,30 +24,26 @@ from dfq_plugins.toolchain import (
     run_calibration,
 )
 
+from .observers import activation_observer, weight_observer
+
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CPU: skip noisy CUDA .so probing
 
 
-def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, observer: str):
-    from torchao.quantization.pt2e import (
-        FakeQuantize,
-        HistogramObserver,
-        MinMaxObserver,
-        MovingAverageMinMaxObserver,
-        MovingAveragePerChannelMinMaxObserver,
-        PerChannelMinMaxObserver,
-    )
+def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
+    from torchao.quantization.pt2e import FakeQuantize
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
     aqmin, aqmax = scheme.act_range(abits)
     wqmin, wqmax = scheme.weight_range(wbits)
     eps = {"eps": 2**-12}
+    a_obs = activation_observer("pt2e", scheme.act_observer, trainable)
+    w_obs = weight_observer("pt2e", scheme.weight_observer, scheme.weight_per_channel, trainable)
     if trainable:
-        act_ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **eps)
-        w_obs = MovingAveragePerChannelMinMaxObserver if scheme.weight_per_channel else MovingAverageMinMaxObserver
+        act_ctr = FakeQuantize.with_args(observer=a_obs, **eps)
         w_ctr = FakeQuantize.with_args(observer=w_obs, **eps)
     else:
-        act_ctr = (HistogramObserver if observer == "histogram" else MinMaxObserver).with_args(**eps)
-        w_ctr = (PerChannelMinMaxObserver if scheme.weight_per_channel else MinMaxObserver).with_args(**eps)
+        act_ctr = a_obs.with_args(**eps)
+        w_ctr = w_obs.with_args(**eps)
     act = QuantizationSpec(
         dtype=torch.int8 if scheme.act_symmetric else torch.uint8, quant_min=aqmin, quant_max=aqmax,
         qscheme=torch.per_tensor_symmetric if scheme.act_symmetric else torch.per_tensor_affine,
@@ -61,19 +60,19 @@ def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, observ
     return QuantizationConfig(act, act, weight, None, trainable)
 
 
-def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False, observer: str = "minmax"):
-    """An X86InductorQuantizer whose global and first/last-layer configs follow the scheme."""
+def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False):
+    """An X86InductorQuantizer whose global and first/last-layer configs follow the (resolved) scheme."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
     )
 
+    scheme = scheme.resolved()
     q = X86InductorQuantizer()
-    q.set_global(_config(scheme, scheme.weight_bits, scheme.act_bits, trainable, observer))
+    q.set_global(_config(scheme, scheme.weight_bits, scheme.act_bits, trainable))
     first, last = first_and_last_layers(model)
     for name, override in ((first, scheme.first_layer), (last, scheme.last_layer)):
         if override is not None:
-            q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable,
-                                                    observer))
+            q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable))
     return q
 
 
@@ -115,13 +114,13 @@ def report_unannotated(prepared: torch.fx.GraphModule) -> None:
 
 
 class PT2EToolchain(Toolchain):
-    """torchao PT2E. ``observer``: ``minmax`` (default, comparable across toolchains) or ``histogram``
-    (X86InductorQuantizer's own default)."""
+    """torchao PT2E. ``observer`` (``minmax`` or ``histogram``, X86InductorQuantizer's own default)
+    overrides the scheme's ``act_observer``; by default the scheme decides."""
 
     name = "torchao-pt2e"
 
-    def __init__(self, observer: str = "minmax", input_range: str = "data") -> None:
-        if observer not in ("minmax", "histogram"):
+    def __init__(self, observer: str | None = None, input_range: str = "data") -> None:
+        if observer not in (None, "minmax", "histogram"):
             raise ValueError(f"observer must be 'minmax' or 'histogram', got {observer!r}")
         if input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
@@ -136,13 +135,17 @@ class PT2EToolchain(Toolchain):
         )
 
         self.check_scheme(scheme)
+        scheme = scheme.resolved()
         m = private_copy(model, trainable)
-        quantizer = quantizer_for(m, scheme, trainable, self.observer)
+        if self.observer is not None:
+            scheme = dataclasses.replace(scheme, act_observer=self.observer)
+        quantizer = quantizer_for(m, scheme, trainable)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gm = export_dynamic_batch(m, example_inputs)
             prepared = prepare_qat_pt2e(gm, quantizer) if trainable else prepare_pt2e(gm, quantizer)
         report_unannotated(prepared)
+        prepared._dfq_protocol = apply_protocol(prepared, scheme.protocol, scheme.act_range(8))
         if trainable:
             for p in prepared.parameters():
                 if p.is_floating_point():
@@ -170,6 +173,10 @@ class PT2EToolchain(Toolchain):
 
         move_exported_model_to_train(student)
         return student
+
+    def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
+        """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""
+        return make_ranges_learnable(student, "pt2e")
 
     def convert(self, prepared: Any) -> nn.Module:
         from torchao.quantization.pt2e import move_exported_model_to_eval

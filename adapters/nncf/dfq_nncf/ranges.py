@@ -1,0 +1,87 @@
+"""Scheme options NNCF has no switch for, applied to its quantized Torch model after ``nncf.quantize``.
+
+- ``weight_observer="mse"``: NNCF sets weight scales by MinMax; each weight quantizer's scale is
+  then shrunk per channel to the Lp-best value, measured with NNCF's own quantize op.
+- Protocol A: the quantizers on the model's inputs are removed from NNCF's hook storage, so
+  the first conv reads the float image (its weights stay quantized).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from dfq_plugins.quant.rangesearch import LP_NORM, SHRINK_GRID
+
+HOOKS = "__nncf_hooks"
+
+
+def _hooks(model: nn.Module) -> nn.Module | None:
+    for name, module in model.named_modules():
+        if name.endswith(HOOKS):
+            return module
+    return None
+
+
+def _layer_of(model: nn.Module, hook_key: str) -> nn.Module | None:
+    """``layer1/0/conv1/conv2d/0__1`` -> the module ``layer1.0.conv1`` (inside a wrapper too)."""
+    path = hook_key.rsplit("/", 2)[0].replace("/", ".")
+    for prefix in ("", "inner."):
+        try:
+            return model.get_submodule(prefix + path)
+        except AttributeError:
+            continue
+    return None
+
+
+def _set_scale(quantizer: nn.Module, scale: torch.Tensor) -> None:
+    storage = quantizer._scale_param_storage
+    storage.data.copy_(scale.log() if getattr(quantizer, "_is_using_log_scale_storage", False) else scale)
+
+
+@torch.no_grad()
+def search_weight_scales(model: nn.Module, p: float = LP_NORM) -> int:
+    """Shrink every per-channel weight quantizer's scale to the Lp-best one; returns how many."""
+    hooks = _hooks(model)
+    if hooks is None:
+        return 0
+    searched = 0
+    for key, slot in hooks.pre_hooks.items():
+        if not key.endswith("__1"):  # port 1 of conv/linear is the weight
+            continue
+        layer = _layer_of(model, key)
+        weight = getattr(layer, "weight", None)
+        for quantizer in slot.values():
+            if weight is None or not hasattr(quantizer, "_scale_param_storage"):
+                continue
+            if not hasattr(quantizer, "scale") or type(quantizer).__name__ != "SymmetricQuantizer":
+                continue
+            s0 = quantizer.scale.detach().clone()
+            best_err = torch.full((weight.shape[0],), float("inf"))
+            best = s0.clone()
+            for shrink in SHRINK_GRID:
+                _set_scale(quantizer, s0 * shrink)
+                err = (quantizer.quantize(weight) - weight).abs().pow(p).flatten(1).sum(1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better.view(-1, *[1] * (s0.dim() - 1)), s0 * shrink, best)
+            _set_scale(quantizer, best)
+            searched += 1
+    if not searched:
+        warnings.warn("weight_observer='mse': found no NNCF weight quantizer to search", stacklevel=2)
+    return searched
+
+
+def remove_input_quantizers(model: nn.Module) -> int:
+    """Drop NNCF's quantizers on graph inputs (post-hooks on a node with no op path); returns how many."""
+    hooks = _hooks(model)
+    if hooks is None:
+        return 0
+    inputs = [key for key in hooks.post_hooks if "/" not in key]
+    for key in inputs:
+        del hooks.post_hooks[key]
+    return len(inputs)
+
+
+__all__ = ["remove_input_quantizers", "search_weight_scales"]

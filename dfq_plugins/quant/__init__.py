@@ -1,0 +1,1 @@
+"""Quantizer parts the toolchain adapters share: range searches, learnable ranges, protocol surgery."""

@@ -1,0 +1,93 @@
+"""LSQ-style learned ranges for torch.ao FX and torchao PT2E students, from the toolchains' own classes.
+
+After calibration every ``FakeQuantize`` of the student (weights and activations) is swapped for
+the toolchain's learnable fake-quant (torch.ao ``_LearnableFakeQuantize``, torchao
+``LearnableFakeQuantize``), started at the calibrated scale and zero point, with LSQ's gradient
+scaling. Both are ``FakeQuantizeBase`` subclasses whose ``calculate_qparams`` returns the learned
+values, so ``convert_fx`` / ``convert_pt2e`` turn them into the deployable model unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _is_plain_fake_quant(module: nn.Module) -> bool:
+    """A toolchain FakeQuantize with an observer (not already learnable)."""
+    return (hasattr(module, "activation_post_process") and hasattr(module, "calculate_qparams")
+            and hasattr(module, "fake_quant_enabled") and not isinstance(getattr(module, "scale", None), nn.Parameter)
+            and "Learnable" not in type(module).__name__)
+
+
+def _learnable_for(flavour: str, old: nn.Module) -> nn.Module:
+    scale, zero_point = old.calculate_qparams()
+    scale = scale.detach().float().reshape(-1).clone()
+    zero_point = zero_point.detach().float().reshape(-1).clone()
+    observer = old.activation_post_process
+    per_channel = old.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+    if flavour == "fx":
+        from torch.ao.quantization._learnable_fake_quantize import (
+            _LearnableFakeQuantize,
+        )
+
+        new = _LearnableFakeQuantize(lambda **_: observer, quant_min=old.quant_min, quant_max=old.quant_max,
+                                     channel_len=scale.numel() if per_channel else -1, use_grad_scaling=True)
+        with torch.no_grad():
+            new.scale.copy_(scale)
+            new.zero_point.copy_(zero_point)
+        new.enable_param_learning()
+    else:
+        from torchao.quantization.pt2e.learnable_fake_quantize import (
+            LearnableFakeQuantize,
+        )
+
+        new = LearnableFakeQuantize(lambda **_: observer, quant_min=old.quant_min, quant_max=old.quant_max,
+                                    use_grad_scaling=True)
+        new._initialize_or_update_qparams(scale, zero_point)
+        new.enable_range_learning()
+    new.fake_quant_enabled.copy_(old.fake_quant_enabled)
+    return new
+
+
+def make_ranges_learnable(student: nn.Module, flavour: str) -> list[nn.Parameter]:
+    """Swap every calibrated FakeQuantize of ``student`` for a learnable one; returns the range parameters.
+
+    Idempotent: a student whose quantizers are already learnable (a resumed run) just returns them.
+    """
+    if flavour not in ("fx", "pt2e"):
+        raise ValueError(f"flavour must be 'fx' or 'pt2e', got {flavour!r}")
+    swaps = [(name, m) for name, m in student.named_modules(remove_duplicate=False)
+             if name and _is_plain_fake_quant(m)]
+    made: dict[int, nn.Module] = {}  # FX registers one fake-quant under several names; keep it shared
+    for name, old in swaps:
+        parent_name, _, attr = name.rpartition(".")
+        parent = student.get_submodule(parent_name) if parent_name else student
+        if id(old) not in made:
+            made[id(old)] = _learnable_for(flavour, old)
+        setattr(parent, attr, made[id(old)])
+    return learned_range_parameters(student)
+
+
+def learned_range_parameters(student: nn.Module) -> list[nn.Parameter]:
+    """Scales and zero points of the student's learnable fake-quants (zero points of affine ones only)."""
+    params = []
+    for m in student.modules():
+        if "Learnable" in type(m).__name__ and isinstance(getattr(m, "scale", None), nn.Parameter):
+            params.append(m.scale)
+            if m.qscheme in (torch.per_tensor_affine, torch.per_channel_affine):
+                params.append(m.zero_point)
+    return params
+
+
+def observer_is_on(module: Any) -> bool:
+    """Whether a fake-quant module is estimating its range now (torch.ao's learnable one keeps the
+    switch in ``static_enabled``; the others in ``observer_enabled``)."""
+    flag = getattr(module, "static_enabled", None)
+    if not isinstance(flag, torch.Tensor):
+        flag = getattr(module, "observer_enabled", None)
+    return isinstance(flag, torch.Tensor) and hasattr(module, "disable_observer") and bool(flag.any())
+
+
+__all__ = ["learned_range_parameters", "make_ranges_learnable", "observer_is_on"]
