@@ -102,10 +102,11 @@ class QuantScheme:
             extras.append("ahist")
         if r.protocol != "hardware":
             extras.append(f"proto{r.protocol}")
-        if self.first_layer:
-            extras.append(f"first{self.first_layer.weight_bits}{self.first_layer.act_bits}")
-        if self.last_layer:
-            extras.append(f"last{self.last_layer.weight_bits}{self.last_layer.act_bits}")
+        implied = replace(self, first_layer=None, last_layer=None).resolved()  # what the protocol adds
+        if r.first_layer and r.first_layer != implied.first_layer:
+            extras.append(f"first{r.first_layer.weight_bits}{r.first_layer.act_bits}")
+        if r.last_layer and r.last_layer != implied.last_layer:
+            extras.append(f"last{r.last_layer.weight_bits}{r.last_layer.act_bits}")
         return "-".join([base, *extras])
 
     @property

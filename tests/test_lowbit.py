@@ -176,3 +176,78 @@ def test_measuring_a_learned_student_does_not_restart_its_observers():
         student(x * 3)
     student(x * 3)  # after measuring: a restarted static estimate would refit the scales here
     assert all(torch.equal(a, b) for a, b in zip(before, chain.range_parameters(student)))
+
+
+def test_blocks_cut_the_graph_where_one_tensor_carries_the_state():
+    from dfq_plugins.quant.blocks import BlockRunner, find_blocks
+
+    model = make_trained_tiny()
+    for name in GRAPH_TOOLCHAINS:
+        chain = make_toolchain(name)
+        student = chain.quantize(model, QuantScheme.parse("w4a4"), calibration_set(), trainable=True)
+        blocks = find_blocks(student)
+        assert len(blocks) == 3, [b.name for b in blocks]  # conv1 stage, conv2 stage, pool + fc
+        x, _ = colour_images(8)
+        with chain.measuring(student), torch.no_grad():
+            h = x
+            for b in blocks:
+                h = BlockRunner(student, b)(h)
+            full = student(x)
+        assert torch.allclose(h, full[0] if isinstance(full, (tuple, list)) else full, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_reconstruct_lowers_every_block_error_and_converts_to_the_student(name):
+    model = make_trained_tiny()
+    chain = make_toolchain(name)
+    student = chain.quantize(model, QuantScheme.parse("w2a4-protoB"), calibration_set(), trainable=True)
+    distiller = make_distiller({"name": "reconstruct", "lr": 1e-3, "batch_size": 16}, steps=40)
+    student = distiller.distill(Teacher(model, TINY_SPEC), student, calibration_set(), toolchain=chain,
+                                progress=False)
+    history = distiller.last_run.extra["block_mse"]
+    assert len(history) == 3
+    assert sum(h["mse_after"] for h in history) < sum(h["mse_before"] for h in history)
+    assert all(h["mse_after"] <= h["mse_before"] * 1.05 for h in history)
+    x, _ = colour_images(128, seed=5)
+    with chain.measuring(student), torch.no_grad():
+        z_student = student(x)
+    with torch.no_grad():
+        z_converted = chain.convert(student)(x)
+    z_student = z_student[0] if isinstance(z_student, (tuple, list)) else z_student
+    assert torch.equal(z_student.argmax(1), z_converted.argmax(1))
+    assert torch.allclose(z_student, z_converted, atol=1e-3)
+
+
+def test_reconstruct_resumes_at_the_next_block_and_refuses_eager_students(tmp_path):
+    model = make_trained_tiny()
+    chain = make_toolchain("torch-ao-fx")
+    teacher = Teacher(model, TINY_SPEC)
+
+    def fresh():
+        return chain.quantize(model, QuantScheme.parse("w4a4"), calibration_set(), trainable=True)
+
+    config = {"name": "reconstruct", "lr": 1e-3, "batch_size": 16}
+    whole = make_distiller(config, steps=10).distill(teacher, fresh(), calibration_set(), toolchain=chain,
+                                                     progress=False, workdir=tmp_path / "a", key="k")
+    interrupted = make_distiller(config, steps=10)
+    calls = {"n": 0}
+    original = interrupted._reconstruct_block
+
+    def stop_in_block_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    interrupted._reconstruct_block = stop_in_block_two
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.distill(teacher, fresh(), calibration_set(), toolchain=chain, progress=False,
+                            workdir=tmp_path / "b", key="k")
+    resumed = make_distiller(config, steps=10).distill(teacher, fresh(), calibration_set(), toolchain=chain,
+                                                       progress=False, workdir=tmp_path / "b", key="k")
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    nncf = make_toolchain("nncf")
+    eager = nncf.quantize(model, QuantScheme.parse("w4a8"), calibration_set(), trainable=True)
+    with pytest.raises(ValueError, match="not a graph"):
+        make_distiller("reconstruct").distill(teacher, eager, calibration_set(), toolchain=nncf, progress=False)

@@ -10,8 +10,10 @@ def dfq_register_distillers(register) -> None:
     from .causal import CausalDFQDistiller
     from .diffdfq import DiffDFQDistiller
     from .kd import KDDistiller
+    from .reconstruct import ReconstructDistiller
 
     register("kd", KDDistiller)
     register("adadfq", AdaDFQDistiller)
     register("causal", CausalDFQDistiller)
     register("diffdfq", DiffDFQDistiller)
+    register("reconstruct", ReconstructDistiller)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
+from ..quant.learnable import clamp_scales
 from ..teacher import Teacher
 from .checkpoint import load_checkpoint, save_checkpoint
 
@@ -137,6 +138,8 @@ class TrainingRun:
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=params)
         t.optimizer.step()
+        if name == "student" and self.d.ranges == "learned":
+            clamp_scales(self.student)
 
     def update_student(self, loss: torch.Tensor) -> None:
         """A student step, or nothing during warm-up (only the ranges move then)."""

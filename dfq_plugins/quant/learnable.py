@@ -81,6 +81,20 @@ def learned_range_parameters(student: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+@torch.no_grad()
+def clamp_scales(student: nn.Module) -> None:
+    """Keep learned scales positive after an optimiser step.
+
+    torch.ao's learnable fake-quant clamps its scale in forward, torchao's only in
+    ``calculate_qparams``: a scale stepped below zero would fake-quantize with a negative step in
+    the student and with ``eps`` in the converted model (seen: an 8-bit weight scale of 1.5e-3
+    pushed to -0.018 by a fixed Adam step, and the converted model 7 logits away).
+    """
+    for m in student.modules():
+        if "Learnable" in type(m).__name__ and isinstance(getattr(m, "scale", None), nn.Parameter):
+            m.scale.clamp_(min=float(m.eps))
+
+
 def observer_is_on(module: Any) -> bool:
     """Whether a fake-quant module is estimating its range now (torch.ao's learnable one keeps the
     switch in ``static_enabled``; the others in ``observer_enabled``)."""
@@ -90,4 +104,4 @@ def observer_is_on(module: Any) -> bool:
     return isinstance(flag, torch.Tensor) and hasattr(module, "disable_observer") and bool(flag.any())
 
 
-__all__ = ["learned_range_parameters", "make_ranges_learnable", "observer_is_on"]
+__all__ = ["clamp_scales", "learned_range_parameters", "make_ranges_learnable", "observer_is_on"]
