@@ -86,6 +86,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     scheme = QuantScheme.parse(s["scheme"])
     chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
     chain.check_scheme(scheme)
+    ran = chain.resolve_scheme(scheme)  # what the toolchain really runs ('auto' observers chosen)
     model, spec = entry.load()
     print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
     pool = _real_pool(s["model"]) if s["source"] == "real" else None
@@ -101,14 +102,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         distiller = make_distiller({"name": s["distill"], **s["distillers"].get(s["distill"], {})},
                                    int(s["steps"]) if s.get("steps") else None)
         student = chain.quantize(model, scheme, cs, trainable=True)
-        print(f"calibrated a trainable {s['toolchain']} student at {scheme.name}; fine-tuning it with "
+        print(f"calibrated a trainable {s['toolchain']} student at {ran.name}; fine-tuning it with "
               f"'{distiller.name}' for {distiller.steps} steps (checkpointed: Ctrl-C and rerun to resume)")
         student = run_distiller(distiller, model, spec, student, cs, chain, scheme, seed=int(s["seed"]),
                                 progress=not args.quiet)
         q = chain.convert(student)
     else:
         q = chain.quantize(model, scheme, cs)
-    print(f"quantized with {s['toolchain']} at {scheme.name} in {time.perf_counter() - t:.1f}s -> "
+    print(f"quantized with {s['toolchain']} at {ran.name} in {time.perf_counter() - t:.1f}s -> "
           f"{type(q).__name__}")
     try:
         test = entry.test_set() if entry.test_set else None
@@ -118,7 +119,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if test is not None:
         fp, acc = evaluate(model, test.images, test.labels), evaluate(q, test.images, test.labels)
         print(f"top-1 on {test.name} ({len(test)} real images): full precision {fp:.2f}%, "
-              f"{scheme.name} {acc:.2f}% ({acc - fp:+.2f})")
+              f"{ran.name} {acc:.2f}% ({acc - fp:+.2f})")
     if args.save:
         import torch
 
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("quantize", help="data-free quantization of a model through one toolchain")
     common(sp)
     sp.add_argument("--toolchain", help="torch-ao-fx (default), torchao-pt2e or nncf")
-    sp.add_argument("--scheme", help="w8a8 (default), w4a8, w4a4, ...")
+    sp.add_argument("--scheme", help="w8a8 (default), w4a8, w4a4, ...; suffixes -protoA, -protoB (input in "
+                    "float; B: first layer W8, last W8A8), -wminmax -aminmax (plain MinMax)")
     sp.add_argument("--source", help="data source (default zeroq)")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--save", help="write the quantized model's state_dict here")

@@ -251,3 +251,44 @@ def test_reconstruct_resumes_at_the_next_block_and_refuses_eager_students(tmp_pa
     eager = nncf.quantize(model, QuantScheme.parse("w4a8"), calibration_set(), trainable=True)
     with pytest.raises(ValueError, match="not a graph"):
         make_distiller("reconstruct").distill(teacher, eager, calibration_set(), toolchain=nncf, progress=False)
+
+
+def test_every_bench_recipe_names_valid_schemes_distillers_and_toolchains():
+    """A recipe with a typo would fail only after minutes of synthesis; check them all here."""
+    from pathlib import Path
+
+    from dfq_plugins.bench.harness import parse_pairs
+    from dfq_plugins.recipes import load_recipe, split_list
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+    assert any(p.name == "lowbit-finetune-30min.toml" for p in recipes)
+    for path in recipes:
+        recipe = load_recipe(path)
+        for scheme in split_list(recipe.get("scheme")):
+            QuantScheme.parse(scheme)
+        for name in split_list(recipe.get("toolchain")):
+            chain = make_toolchain(name)
+            for scheme in split_list(recipe.get("scheme")):
+                if name == "nncf":
+                    continue  # NNCF refuses affine 4-bit activations by design; recipes pass its schemes by flag
+                chain.check_scheme(QuantScheme.parse(scheme))
+        distills = {d for _, d in parse_pairs(split_list(recipe.get("rows")))} | set(split_list(recipe.get("distill")))
+        for name in distills - {None}:
+            make_distiller({"name": name, **recipe.get("distillers", {}).get(name, {})})
+    finetune = load_recipe(Path(__file__).parents[1] / "recipes" / "lowbit-finetune-30min.toml")
+    kd = make_distiller({"name": "kd", **finetune["distillers"]["kd"]}, steps=finetune["steps"])
+    assert (kd.ranges, kd.optimizer, kd.steps) == ("learned", "adam", 3000)
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_converting_leaves_the_student_usable(name):
+    """torchao's convert_pt2e rewrites the graph it is given; ours converts a copy."""
+    chain = make_toolchain(name)
+    student = chain.quantize(make_trained_tiny(), QuantScheme.parse("w4a4"), calibration_set(), trainable=True)
+    x, _ = colour_images(8)
+    with chain.measuring(student), torch.no_grad():
+        before = student(x)
+    chain.convert(student)
+    with chain.measuring(student), torch.no_grad():
+        after = student(x)
+    assert torch.equal(before[0] if isinstance(before, tuple) else before, after[0] if isinstance(after, tuple) else after)

@@ -1,6 +1,7 @@
 """torchao PT2E: torch.export with a dynamic batch dim, an X86InductorQuantizer built from the scheme."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import warnings
@@ -179,11 +180,12 @@ class PT2EToolchain(Toolchain):
         return make_ranges_learnable(student, "pt2e")
 
     def convert(self, prepared: Any) -> nn.Module:
+        """The deployable model; the student stays usable (torchao's convert would consume it)."""
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            converted = convert_pt2e(prepared)
+            converted = convert_pt2e(copy.deepcopy(prepared))  # convert_pt2e rewrites its argument in place
         move_exported_model_to_eval(converted)
         return converted
