@@ -95,7 +95,7 @@ class ReconstructDistiller(Distiller):
             raise ValueError("reconstruct needs calibration images: pass source=CalibrationSet "
                              "(e.g. dfq_plugins.synthesize(model, 'genie'))")
         if not isinstance(student, fx.GraphModule):
-            raise ValueError(f"reconstruct cuts the student's graph into blocks, and {toolchain.name}'s student "
+            raise TypeError(f"reconstruct cuts the student's graph into blocks, and {toolchain.name}'s student "
                              "is not a graph (NNCF quantizes an eager model); use torch-ao-fx or torchao-pt2e, "
                              "or distiller kd on nncf")
         toolchain.student_eval(student)

@@ -89,7 +89,7 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     if isinstance(final, (tuple, list)) and len(final) == 1:  # torch.export graphs return a 1-tuple
         final = final[0]
     if not isinstance(final, fx.Node):
-        raise ValueError("block reconstruction needs a graph that returns a single tensor")
+        raise TypeError("block reconstruction needs a graph that returns a single tensor")
     ends = [c for c in cut_points(gm) if c is not final] + [final]
     blocks: list[Block] = []
     start = placeholders[0]
