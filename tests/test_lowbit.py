@@ -292,3 +292,17 @@ def test_converting_leaves_the_student_usable(name):
     with chain.measuring(student), torch.no_grad():
         after = student(x)
     assert torch.equal(before[0] if isinstance(before, tuple) else before, after[0] if isinstance(after, tuple) else after)
+
+
+def test_reconstruct_refuses_bad_options_before_any_work():
+    with pytest.raises(ValueError, match="qdrop"):
+        make_distiller({"name": "reconstruct", "qdrop": 2.0})
+    with pytest.raises(ValueError, match="learns the step sizes"):
+        make_distiller({"name": "reconstruct", "ranges": "frozen"})
+    with pytest.raises(ValueError, match="steps"):
+        make_distiller("reconstruct", steps=0)
+    with pytest.raises(ValueError, match="calibration images"):
+        chain = make_toolchain("torch-ao-fx")
+        student = chain.quantize(make_tiny(), QuantScheme.parse("w4a4"), calib(), trainable=True)
+        make_distiller("reconstruct").distill(Teacher(make_tiny(), TINY_SPEC), student, None, toolchain=chain,
+                                              progress=False)
