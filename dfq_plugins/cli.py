@@ -130,9 +130,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchPlan, markdown_table, run_bench
+    from .bench import BenchPlan, run_bench
     from .bench.harness import parse_pairs
-    from .bench.report import distill_table, pivot_table
+    from .bench.report import bench_report
 
     s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json",
                          "md", "test_limit", "distill", "steps", "rows", "row_seeds"])
@@ -149,10 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     json_path = Path(s["json"]) if s.get("json") else None
     records = run_bench(plan, json_path, progress=not args.quiet)
     mine = [r for r in records if r["model"] == plan.model]
-    table = markdown_table(mine) + "\n\nMean top-1 (min-max over seeds) per source:\n\n" + pivot_table(mine)
-    if any(r.get("distill") for r in mine):
-        table += "\n\nFine-tuned rows (top-1 after calibration only, then after distillation):\n\n" + \
-            distill_table(mine)
+    table = bench_report(mine)
     print(table)
     md = s.get("md") or (json_path.with_suffix(".md") if json_path else None)
     if md:

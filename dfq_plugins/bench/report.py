@@ -118,3 +118,12 @@ def dynamic_table(record: dict[str, Any]) -> str:
     lines += ["", f"Wall clock of one batch of {t['batch']} real images (median of {t['repeats']}, "
                   f"{t['threads']} threads): " + ", ".join(f"{n} {ms:.1f} ms" for n, ms in t["median_ms"].items())]
     return "\n".join(lines)
+
+
+def bench_report(records: list[dict[str, Any]]) -> str:
+    """The Markdown ``dfq bench`` prints and writes: every run, the per-source pivot, fine-tuned rows."""
+    table = markdown_table(records) + "\n\nMean top-1 (min-max over seeds) per source:\n\n" + pivot_table(records)
+    if any(r.get("distill") for r in records):
+        table += "\n\nFine-tuned rows (top-1 after calibration only, then after distillation):\n\n" + \
+            distill_table(records)
+    return table
