@@ -84,6 +84,7 @@ class TrainingRun:
         self.elapsed = 0.0
         self.history: list[dict[str, float]] = []
         self._observing = False
+        self._learned_ranges: list[torch.Tensor] = []
 
     # -- set-up -------------------------------------------------------------------------------
     def add_student(self) -> None:
@@ -98,6 +99,7 @@ class TrainingRun:
         else:
             ranges = self.toolchain.range_parameters(self.student)
         range_ids = {id(p) for p in ranges}
+        self._learned_ranges = list(ranges) if d.ranges == "learned" else []
         for p in ranges:
             p.requires_grad_(d.ranges == "learned")
         params = [p for p in self.student.parameters() if p.requires_grad and id(p) not in range_ids]
@@ -134,7 +136,7 @@ class TrainingRun:
     def update(self, name: str, loss: torch.Tensor) -> None:
         """Backward into ``name``'s parameters only, then step its optimiser."""
         t = self.trainables[name]
-        params = [p for g in t.optimizer.param_groups for p in g["params"]]
+        params = [p for g in t.optimizer.param_groups for p in g["params"] if p.requires_grad]
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=params)
         t.optimizer.step()
@@ -164,6 +166,9 @@ class TrainingRun:
         if want != self._observing or self.step == 0:
             self.toolchain.set_observers(self.student, want)
             self._observing = want
+            # learned ranges rest while an observer sets them (torchao's switches their gradient off)
+            for p in self._learned_ranges:
+                p.requires_grad_(not want)
 
     def _checkpoint_path(self) -> Path | None:
         return None if self.workdir is None else self.workdir / "checkpoint.safetensors"
