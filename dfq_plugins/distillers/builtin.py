@@ -9,10 +9,11 @@ def dfq_register_distillers(register) -> None:
     from .adadfq import AdaDFQDistiller
     from .causal import CausalDFQDistiller
     from .diffdfq import DiffDFQDistiller
-    from .kd import KDDistiller
+    from .kd import GDFQDistiller, KDDistiller
     from .reconstruct import ReconstructDistiller
 
     register("kd", KDDistiller)
+    register("gdfq", GDFQDistiller)
     register("adadfq", AdaDFQDistiller)
     register("causal", CausalDFQDistiller)
     register("diffdfq", DiffDFQDistiller)

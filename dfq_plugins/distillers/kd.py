@@ -156,3 +156,14 @@ class OnlineDistiller(KDDistiller):
         self.setup_generator(run, style_dim=self.generator_style_dim())
         if self.recalibrate:  # a resumed run restores its observers from the checkpoint
             self.reset_ranges(run)
+
+
+@dataclass
+class GDFQDistiller(OnlineDistiller):
+    """GDFQ (Xu et al. 2020) as the online baseline of AdaDFQ and Causal-DFQ.
+
+    ``kd``'s loss on a GDFQ generator with the same warm-up, observer and range handling as
+    ``adadfq`` and ``causal``, so that a row of each differs only in what the papers add.
+    """
+
+    name: ClassVar[str] = "gdfq"
