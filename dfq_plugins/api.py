@@ -88,23 +88,25 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
              trainable: bool = False, cache: bool = True, progress: bool = True) -> nn.Module:
     """Data-free quantization in one call; returns the toolchain's own quantized model.
 
-    ``distill="kd"`` (or ``adadfq``, ``causal``, ``diffdfq``, or a config table) fine-tunes the
-    calibrated student against the FP model for ``steps`` steps before converting it.
+    ``distill="kd"`` (or ``adadfq``, ``causal``, ``diffdfq``, ``reconstruct``, or a config table)
+    fine-tunes the calibrated student against the FP model for ``steps`` steps before converting
+    it. A chain, ``"reconstruct+kd"`` or a list, runs its stages in order on the same student;
+    ``steps`` then sets the last stage's steps.
     ``trainable=True`` returns the calibrated (and distilled) fake-quant student instead.
     """
     model, spec = resolve_model(model, input_spec)
     q_scheme = QuantScheme.parse(scheme)
     chain = make_toolchain(toolchain)
     chain.check_scheme(q_scheme)  # fail before spending minutes on synthesis
-    distiller = make_distiller(distill, steps) if distill is not None else None
+    distillers = make_distillers(distill, steps) if distill is not None else None
     cs = source if isinstance(source, CalibrationSet) else synthesize(
         model, source, input_spec=spec, num_samples=num_samples, batch_size=batch_size, seed=seed, data=data,
         cache=cache, progress=progress)
-    if distiller is None:
+    if distillers is None:
         return chain.quantize(model, q_scheme, cs, trainable=trainable)
     student = chain.quantize(model, q_scheme, cs, trainable=True)
-    student = run_distiller(distiller, model, spec, student, cs, chain, q_scheme, seed=seed, cache=cache,
-                            progress=progress)
+    student = run_distillers(distillers, model, spec, student, cs, chain, q_scheme, seed=seed, cache=cache,
+                             progress=progress)
     return student if trainable else chain.convert(student)
 
 
@@ -116,38 +118,87 @@ def make_distiller(distill: str | dict[str, Any], steps: int | None = None) -> A
     return plugins.instantiate("distillers", name, config)
 
 
+def distill_stages(distill: str | dict[str, Any] | list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+    """``"reconstruct+kd"`` or a list of names/tables -> the stages, run in order on one student."""
+    if isinstance(distill, str):
+        stages: list[str | dict[str, Any]] = [part.strip() for part in distill.split("+")]
+    elif isinstance(distill, dict):
+        stages = [distill]
+    elif isinstance(distill, (list, tuple)):
+        stages = list(distill)
+    else:
+        raise TypeError(f"distill must be a distiller name ('kd', 'reconstruct+kd'), a table with a 'name' key, "
+                        f"or a list of those; got {type(distill).__name__}")
+    if not stages or any(s == "" for s in stages):
+        raise ValueError(f"distill={distill!r}: name every stage, e.g. 'reconstruct+kd'")
+    return stages
+
+
+def make_distillers(distill: str | dict[str, Any] | list[str | dict[str, Any]], steps: int | None = None) -> list[Any]:
+    """Configured distillers for a chain; ``steps`` sets the last stage's steps only.
+
+    In ``reconstruct+kd`` the first stage's steps are per block, so one number for both would
+    make no sense: earlier stages keep their own (or their table's) steps.
+    """
+    stages = distill_stages(distill)
+    return [make_distiller(stage, steps if i == len(stages) - 1 else None) for i, stage in enumerate(stages)]
+
+
 def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: QuantScheme,
-                    cs: CalibrationSet | None, seed: int) -> tuple[Path, str]:
-    """Where a run's checkpoints live, and the key that identifies the run."""
-    key = short_hash({"teacher": teacher.fingerprint(), "distiller": distiller.name, "version": distiller.version,
-                      "config": distiller.config_dict(), "toolchain": toolchain.name,
-                      "toolchain_config": {k: v for k, v in vars(toolchain).items() if not k.startswith("_")},
-                      "scheme": scheme.name, "data": None if cs is None else cs.content_hash(), "seed": seed})
+                    cs: CalibrationSet | None, seed: int, after: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """Where a run's checkpoints live, and the key that identifies the run.
+
+    ``after``: the keys of the stages that trained this student before (a chain such as
+    ``reconstruct+kd``), so a second stage never resumes a checkpoint of a different start.
+    """
+    fields = {"teacher": teacher.fingerprint(), "distiller": distiller.name, "version": distiller.version,
+              "config": distiller.config_dict(), "toolchain": toolchain.name,
+              "toolchain_config": {k: v for k, v in vars(toolchain).items() if not k.startswith("_")},
+              "scheme": scheme.name, "data": None if cs is None else cs.content_hash(), "seed": seed}
+    if after:
+        fields["after"] = list(after)
+    key = short_hash(fields)
     return cache_root() / "distill" / f"{distiller.name}-{key}", key
 
 
 def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn.Module,
                   cs: CalibrationSet | None, toolchain: Any, scheme: QuantScheme, *, seed: int = 0,
-                  cache: bool = True, progress: bool = True) -> nn.Module:
+                  cache: bool = True, progress: bool = True, after: tuple[str, ...] = ()) -> nn.Module:
     """Fine-tune ``student`` with ``distiller``; cached runs resume from their last checkpoint."""
     with borrowed_teacher(model, spec) as teacher:
-        workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed)
+        workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed, after)
+        distiller.last_key = key
         return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
                                  workdir=workdir if cache else None, key=key)
 
 
+def run_distillers(distillers: list[Any], model: nn.Module, spec: InputSpec, student: nn.Module,
+                   cs: CalibrationSet | None, toolchain: Any, scheme: QuantScheme, *, seed: int = 0,
+                   cache: bool = True, progress: bool = True) -> nn.Module:
+    """Run a chain of distillers on one student, each stage's cache keyed by the stages before it."""
+    after: tuple[str, ...] = ()
+    for distiller in distillers:
+        student = run_distiller(distiller, model, spec, student, cs, toolchain, scheme, seed=seed, cache=cache,
+                                progress=progress, after=after)
+        after = (*after, f"{distiller.name}-{distiller.last_key}")
+    return student
+
+
 def distill(model: nn.Module | str, student: nn.Module, source: CalibrationSet | None = None, *,
-            distiller: str | dict[str, Any] = "kd", toolchain: str | dict[str, Any] = "torch-ao-fx",
-            scheme: str | dict | QuantScheme = "w8a8", input_spec: InputSpec | None = None, steps: int | None = None,
-            seed: int = 0, cache: bool = True, progress: bool = True) -> nn.Module:
+            distiller: str | dict[str, Any] | list[str | dict[str, Any]] = "kd",
+            toolchain: str | dict[str, Any] = "torch-ao-fx", scheme: str | dict | QuantScheme = "w8a8",
+            input_spec: InputSpec | None = None, steps: int | None = None, seed: int = 0, cache: bool = True,
+            progress: bool = True) -> nn.Module:
     """Fine-tune a trainable student (``quantize(..., trainable=True)``) against ``model``.
 
     ``toolchain`` and ``scheme`` must be the ones the student was prepared with: the loop uses
     the toolchain's own switches (observers, eval mode), and both are part of the cache key.
+    ``distiller`` may be a chain (``"reconstruct+kd"``); ``steps`` then sets its last stage's.
     """
     model, spec = resolve_model(model, input_spec)
-    return run_distiller(make_distiller(distiller, steps), model, spec, student, source, make_toolchain(toolchain),
-                         QuantScheme.parse(scheme), seed=seed, cache=cache, progress=progress)
+    return run_distillers(make_distillers(distiller, steps), model, spec, student, source,
+                          make_toolchain(toolchain), QuantScheme.parse(scheme), seed=seed, cache=cache,
+                          progress=progress)
 
 
 def make_toolchain(toolchain: str | dict[str, Any]) -> Any:

@@ -97,15 +97,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t:.1f}s (synthesis took {cs.manifest.get('synth_seconds', 0):.1f}s)")
     t = time.perf_counter()
     if s.get("distill"):
-        from .api import make_distiller, run_distiller
+        from .api import distill_stages, make_distillers, run_distillers
 
-        distiller = make_distiller({"name": s["distill"], **s["distillers"].get(s["distill"], {})},
-                                   int(s["steps"]) if s.get("steps") else None)
+        distillers = make_distillers([{"name": n, **s["distillers"].get(n, {})} for n in distill_stages(s["distill"])],
+                                     int(s["steps"]) if s.get("steps") else None)
         student = chain.quantize(model, scheme, cs, trainable=True)
-        print(f"calibrated a trainable {s['toolchain']} student at {ran.name}; fine-tuning it with "
-              f"'{distiller.name}' for {distiller.steps} steps (checkpointed: Ctrl-C and rerun to resume)")
-        student = run_distiller(distiller, model, spec, student, cs, chain, scheme, seed=int(s["seed"]),
-                                progress=not args.quiet)
+        plan = " then ".join(f"'{d.name}' for {d.steps} steps" + (" per block" if d.name == "reconstruct" else "")
+                             for d in distillers)
+        print(f"calibrated a trainable {s['toolchain']} student at {ran.name}; fine-tuning it with {plan} "
+              "(checkpointed: Ctrl-C and rerun to resume)")
+        student = run_distillers(distillers, model, spec, student, cs, chain, scheme, seed=int(s["seed"]),
+                                 progress=not args.quiet)
         q = chain.convert(student)
     else:
         q = chain.quantize(model, scheme, cs)
@@ -260,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--source", help="data source (default zeroq)")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--save", help="write the quantized model's state_dict here")
-    sp.add_argument("--distill", help="fine-tune the calibrated student: kd, adadfq, causal or diffdfq")
+    sp.add_argument("--distill", help="fine-tune the calibrated student: kd, adadfq, causal, diffdfq, reconstruct, "
+                                      "or a chain run in order, e.g. reconstruct+kd")
     sp.add_argument("--steps", type=int, help="fine-tuning steps (default: the distiller's, 1000)")
     sp.add_argument("--distill-set", dest="distill_set", action="append", metavar="DISTILLER.KEY=VALUE",
                     help="distiller option, e.g. kd.lr=0.001 (repeatable)")
@@ -276,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--md", help="Markdown table output (default: beside --json)")
     sp.add_argument("--test-limit", dest="test_limit", type=int, help="evaluate on the first N test images only")
     sp.add_argument("--distill", help="comma-separated distillers to fine-tune each source's student with "
-                                      "(kd, adadfq, causal, diffdfq)")
+                                      "(kd, adadfq, causal, diffdfq, reconstruct; a chain: reconstruct+kd)")
     sp.add_argument("--steps", type=int, help="fine-tuning steps for every distiller (one budget for all rows)")
-    sp.add_argument("--rows", help="explicit SOURCE[+DISTILLER] rows, e.g. real+kd,noise+adadfq,zeroq")
+    sp.add_argument("--rows", help="explicit SOURCE[+DISTILLER[+DISTILLER]] rows, e.g. "
+                                                  "real+kd,noise+adadfq,zeroq,intraq+reconstruct+kd")
     sp.add_argument("--distill-set", dest="distill_set", action="append", metavar="DISTILLER.KEY=VALUE",
                     help="distiller option, e.g. kd.lr=0.001 (repeatable; recipes: [distillers.NAME])")
     sp.set_defaults(func=cmd_bench)

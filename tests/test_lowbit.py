@@ -139,13 +139,18 @@ def test_nncf_protocol_a_removes_the_input_quantizer_and_refuses_b():
 
 
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
-def test_learned_ranges_move_and_convert_to_the_same_model(name):
-    """ranges='learned' on FX and PT2E: LSQ scales train, and convert gives the student's top-1."""
+@pytest.mark.parametrize("distill", ["kd", "gdfq"])
+def test_learned_ranges_move_and_convert_to_the_same_model(name, distill):
+    """ranges='learned' on FX and PT2E: LSQ scales train, and convert gives the student's top-1.
+
+    gdfq first lets the observers set the ranges for two steps (torchao's learnable quantizer
+    turns its gradient off when observing): the ranges must learn again afterwards."""
     model = make_trained_tiny()
     chain = make_toolchain(name)
     student = chain.quantize(model, QuantScheme.parse("w2a4"), calibration_set(), trainable=True)
-    distiller = make_distiller({"name": "kd", "ranges": "learned", "range_lr_scale": 10.0, "batch_size": 16},
-                               steps=6)
+    online = {"observer_steps": 2, "warmup_steps": 0} if distill == "gdfq" else {}
+    distiller = make_distiller({"name": distill, "ranges": "learned", "range_lr_scale": 10.0, "batch_size": 16,
+                                **online}, steps=6)
     teacher = Teacher(model, TINY_SPEC)
     student = distiller.distill(teacher, student, calibration_set(), toolchain=chain, progress=False)
     learned = chain.range_parameters(student)
@@ -257,6 +262,7 @@ def test_every_bench_recipe_names_valid_schemes_distillers_and_toolchains():
     """A recipe with a typo would fail only after minutes of synthesis; check them all here."""
     from pathlib import Path
 
+    from dfq_plugins.api import distill_stages
     from dfq_plugins.bench.harness import parse_pairs
     from dfq_plugins.recipes import load_recipe, split_list
 
@@ -273,8 +279,9 @@ def test_every_bench_recipe_names_valid_schemes_distillers_and_toolchains():
                     continue  # NNCF refuses affine 4-bit activations by design; recipes pass its schemes by flag
                 chain.check_scheme(QuantScheme.parse(scheme))
         distills = {d for _, d in parse_pairs(split_list(recipe.get("rows")))} | set(split_list(recipe.get("distill")))
-        for name in distills - {None}:
-            make_distiller({"name": name, **recipe.get("distillers", {}).get(name, {})})
+        for chained in distills - {None}:
+            for name in distill_stages(chained):
+                make_distiller({"name": name, **recipe.get("distillers", {}).get(name, {})})
     finetune = load_recipe(Path(__file__).parents[1] / "recipes" / "lowbit-finetune-30min.toml")
     kd = make_distiller({"name": "kd", **finetune["distillers"]["kd"]}, steps=finetune["steps"])
     assert (kd.ranges, kd.optimizer, kd.steps) == ("learned", "adam", 3000)
@@ -306,3 +313,38 @@ def test_reconstruct_refuses_bad_options_before_any_work():
         student = chain.quantize(make_tiny(), QuantScheme.parse("w4a4"), calib(), trainable=True)
         make_distiller("reconstruct").distill(Teacher(make_tiny(), TINY_SPEC), student, None, toolchain=chain,
                                               progress=False)
+
+
+def test_a_distiller_chain_runs_in_order_and_keys_each_stage_by_the_ones_before(tmp_path):
+    """``reconstruct+kd``: kd starts from the reconstructed student, and its checkpoint never
+    mixes with a plain kd run's on the same data."""
+    import dfq_plugins
+    from dfq_plugins.api import distill_stages, make_distillers
+
+    model, cs = make_trained_tiny(), calibration_set()
+    chain = make_toolchain("torchao-pt2e")
+    scheme = QuantScheme.parse("w4a4")
+    stages = [{"name": "reconstruct", "steps": 5, "batch_size": 16}, {"name": "kd", "ranges": "learned",
+                                                                      "optimizer": "adam", "lr": 1e-4}]
+    student = chain.quantize(model, scheme, cs, trainable=True)
+    student = dfq_plugins.distill(model, student, cs, distiller=stages, toolchain="torchao-pt2e", scheme=scheme,
+                                  input_spec=TINY_SPEC, steps=6, progress=False)
+    runs = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "distill").iterdir())
+    assert runs == ["kd", "reconstruct"]
+    plain = chain.quantize(model, scheme, cs, trainable=True)
+    dfq_plugins.distill(model, plain, cs, distiller=stages[1], toolchain="torchao-pt2e", scheme=scheme,
+                        input_spec=TINY_SPEC, steps=6, progress=False)
+    assert len(list((tmp_path / "cache" / "distill").glob("kd-*"))) == 2  # its own key, not the chain's
+    x, _ = colour_images(64, seed=3)
+    with chain.measuring(student), torch.no_grad():
+        z_student = student(x)
+    z_student = z_student[0] if isinstance(z_student, (tuple, list)) else z_student
+    with torch.no_grad():
+        assert torch.equal(z_student.argmax(1), chain.convert(student)(x).argmax(1))
+    # --steps sets the last stage only: reconstruct's steps are per block
+    assert [d.steps for d in make_distillers("reconstruct+kd", 3000)] == [200, 3000]
+    assert distill_stages(" reconstruct + kd ") == ["reconstruct", "kd"]
+    with pytest.raises(ValueError, match="name every stage"):
+        distill_stages("reconstruct+")
+    with pytest.raises(TypeError, match="distill must be"):
+        distill_stages(3)

@@ -68,6 +68,13 @@ def parse_pairs(items: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
+def chain_config(distillers: list[Any]) -> dict[str, Any]:
+    """A row's distiller config: one distiller's own (as records always had), or every stage's."""
+    if len(distillers) == 1:
+        return distillers[0].config_dict()
+    return {"stages": [{"name": d.name, **d.config_dict()} for d in distillers]}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -145,9 +152,10 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
     log(f"{plan.model}: full precision top-1 {fp_top1:.2f}% on {test.name} ({len(labels)} images, "
         f"{time.perf_counter() - t0:.1f}s)")
 
-    from ..api import make_distiller, run_distiller
+    from ..api import distill_stages, make_distillers, run_distillers
 
-    distillers = {d: make_distiller({"name": d, **plan.distill_configs.get(d, {})}, plan.distill_steps)
+    distillers = {d: make_distillers([{"name": n, **plan.distill_configs.get(n, {})} for n in distill_stages(d)],
+                                     plan.distill_steps)
                   for d in {d for _, d in plan.rows() if d is not None}}
     seeds = list(dict.fromkeys(x for src, d in plan.rows() for x in plan.seeds_of(src, d)))
     for seed in seeds:
@@ -166,7 +174,7 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                                "source_config": synth.config_dict(), "toolchain_config":
                                plan.toolchain_configs.get(tname, {})}
                         if distill is not None:
-                            rec["distill_config"] = distillers[distill].config_dict()
+                            rec["distill_config"] = chain_config(distillers[distill])
                         if _run_key(rec) not in done:
                             pending.append((tname, scheme, distill, rec))
             plot_path = (json_path.with_name(f"{json_path.stem}-difficulty-{source}-seed{seed}.png")
@@ -190,13 +198,18 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                     with chains[tname].measuring(student):
                         rec["top1_calibrated"] = round(evaluate(student, images, labels), 2)
                     t_dist = time.perf_counter()
-                    student = run_distiller(distillers[distill], model, spec, student, cs, chains[tname], scheme,
-                                            seed=seed, progress=progress)
-                    run = distillers[distill].last_run
-                    rec.update({"distill_steps": run.step, "distill_seconds": round(run.elapsed, 2),
+                    student = run_distillers(distillers[distill], model, spec, student, cs, chains[tname], scheme,
+                                             seed=seed, progress=progress)
+                    runs = [d.last_run for d in distillers[distill]]
+                    rec.update({"distill_steps": sum(r.step for r in runs),
+                                "distill_seconds": round(sum(r.elapsed for r in runs), 2),
                                 "distill_wall_this_process": round(time.perf_counter() - t_dist, 2)})
-                    if run.extra.get("levels"):
-                        rec["diffusion_levels"] = run.extra["levels"]
+                    if len(runs) > 1:
+                        rec["distill_stages"] = [{"name": d.name, "steps": r.step, "seconds": round(r.elapsed, 2)}
+                                                 for d, r in zip(distillers[distill], runs)]
+                    levels = [lv for r in runs for lv in (r.extra.get("levels") or [])]
+                    if levels:
+                        rec["diffusion_levels"] = levels
                     q = chains[tname].convert(student)
                 top1 = evaluate(q, images, labels)
                 rec.update({"steps": _steps_of(synth.config_dict()), "top1": round(top1, 2),
