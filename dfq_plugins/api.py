@@ -98,6 +98,8 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
     q_scheme = QuantScheme.parse(scheme)
     chain = make_toolchain(toolchain)
     chain.check_scheme(q_scheme)  # fail before spending minutes on synthesis
+    fine_tuned = trainable or distill is not None
+    chain.check_bias_correction(chain.resolve_scheme(q_scheme, fine_tuned), fine_tuned)
     distillers = make_distillers(distill, steps) if distill is not None else None
     cs = source if isinstance(source, CalibrationSet) else synthesize(
         model, source, input_spec=spec, num_samples=num_samples, batch_size=batch_size, seed=seed, data=data,

@@ -86,7 +86,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     scheme = QuantScheme.parse(s["scheme"])
     chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
     chain.check_scheme(scheme)
-    ran = chain.resolve_scheme(scheme)  # what the toolchain really runs ('auto' observers chosen)
+    ran = chain.resolve_scheme(scheme, trainable=bool(s.get("distill")))  # what really runs ('auto' chosen)
+    chain.check_bias_correction(ran, trainable=bool(s.get("distill")))
     model, spec = entry.load()
     print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
     pool = _real_pool(s["model"]) if s["source"] == "real" else None

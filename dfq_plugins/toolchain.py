@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .data import CalibrationSet
+from .errors import UnsupportedSchemeError
 from .scheme import QuantScheme
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -28,9 +30,31 @@ class Toolchain:
     def check_scheme(self, scheme: QuantScheme) -> None:
         """Raise UnsupportedSchemeError for a scheme this toolchain cannot express."""
 
-    def resolve_scheme(self, scheme: QuantScheme) -> QuantScheme:
-        """The scheme this toolchain will really run (``auto`` observers chosen); records name it."""
+    def resolve_scheme(self, scheme: QuantScheme, trainable: bool = False) -> QuantScheme:
+        """The scheme this toolchain will really run (``auto`` observers chosen); records name it.
+
+        A trainable student gets no bias correction (it learns its biases), so ``auto`` resolves
+        as without it there, weights included.
+        """
+        if trainable and scheme.bias_correction == "auto":
+            scheme = dataclasses.replace(scheme, bias_correction="off")
         return scheme.resolved()
+
+    def bias_correction_layers(self, prepared: Any) -> list[Any] | None:
+        """The prepared model's weighted layers for bias correction (``quant/biascorrect.py``);
+        None where this toolchain has no such hook (its scheme then refuses ``-bc``)."""
+        return None
+
+    def check_bias_correction(self, scheme: QuantScheme, trainable: bool) -> None:
+        """Refuse an explicit ``-bc`` this toolchain or a trainable student cannot honour."""
+        if scheme.bias_correction != "on":
+            return
+        if trainable:
+            raise UnsupportedSchemeError(
+                f"{scheme.name}: bias correction is post-training; a trainable student learns its biases. "
+                "Drop '-bc' (or set bias_correction='auto') to fine-tune")
+        if type(self).bias_correction_layers is Toolchain.bias_correction_layers:
+            raise UnsupportedSchemeError(f"{self.name} has no bias correction hook here; drop '-bc'")
 
     def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
                 trainable: bool = False) -> Any:
@@ -108,9 +132,17 @@ class Toolchain:
     def quantize(self, model: nn.Module, scheme: QuantScheme, calibration_set: CalibrationSet, *,
                  trainable: bool = False) -> nn.Module:
         example = example_inputs_of(calibration_set)
+        ran = self.resolve_scheme(scheme, trainable)
+        self.check_bias_correction(ran, trainable)
         prepared = self.prepare(model, scheme, example, trainable=trainable)
         prepared = self.calibrate(prepared, calibration_set)
-        return prepared if trainable else self.convert(prepared)
+        if trainable:
+            return prepared
+        if ran.bias_correction == "on":
+            from .quant.biascorrect import correct_biases
+
+            correct_biases(prepared, self.bias_correction_layers(prepared), calibration_set)
+        return self.convert(prepared)
 
 
 def _observing(module: nn.Module) -> bool:

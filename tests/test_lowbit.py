@@ -24,7 +24,9 @@ def calib(n: int = 32) -> CalibrationSet:
 
 
 def test_scheme_names_say_what_ran_and_minmax_stays_reachable():
-    assert QuantScheme.parse("w4a8").name == "w4a8-wmse"
+    assert QuantScheme.parse("w4a8").name == "w4a8-bc"  # MinMax weights, bias-corrected
+    assert QuantScheme.parse("w4a8-nobc").name == "w4a8-wmse"  # without correction, the clipping search
+    assert make_toolchain("torchao-pt2e").resolve_scheme(QuantScheme.parse("w4a8"), trainable=True).name == "w4a8-wmse"
     assert QuantScheme.parse("w4a4").name == "w4a4-wmse-ahist"
     assert QuantScheme.parse("w8a8").name == "w8a8"
     assert QuantScheme.parse("w4a4-wminmax-aminmax").name == "w4a4"  # the figures recorded before
@@ -38,7 +40,9 @@ def test_scheme_names_say_what_ran_and_minmax_stays_reachable():
         QuantScheme(4, 4, protocol="C")
     with pytest.raises(TypeError, match="scheme"):
         QuantScheme.parse(4)
-    assert make_toolchain("nncf").resolve_scheme(QuantScheme.parse("w4a8")).name == "w4a8"
+    assert make_toolchain("nncf").resolve_scheme(QuantScheme.parse("w4a8")).name == "w4a8"  # NNCF corrects itself
+    with pytest.raises(ValueError, match="bias_correction"):
+        QuantScheme(4, 8, bias_correction="maybe")
 
 
 def test_range_search_lowers_the_error_of_minmax_on_outliers():
@@ -348,3 +352,32 @@ def test_a_distiller_chain_runs_in_order_and_keys_each_stage_by_the_ones_before(
         distill_stages("reconstruct+")
     with pytest.raises(TypeError, match="distill must be"):
         distill_stages(3)
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_bias_correction_removes_the_mean_shift_of_low_bit_weights(name):
+    """2-bit weights shift each output channel's mean; the corrected converted model's logits are
+    centred where the float model's are, and closer to them overall."""
+    model = make_trained_tiny()
+    chain = make_toolchain(name)
+    cs = calibration_set()
+    x = cs.images
+    with torch.no_grad():
+        fp = model(x)
+        plain = chain.quantize(model, QuantScheme.parse("w2a8-nobc"), cs)(x)
+        corrected = chain.quantize(model, QuantScheme.parse("w2a8-bc"), cs)(x)
+    shift_plain = (plain - fp).mean(0).abs().mean()
+    shift_corrected = (corrected - fp).mean(0).abs().mean()
+    assert shift_corrected < 0.5 * shift_plain
+    assert (corrected - fp).pow(2).mean() < (plain - fp).pow(2).mean()
+
+
+def test_bias_correction_is_refused_where_it_cannot_run():
+    model = make_trained_tiny()
+    with pytest.raises(ValueError, match="corrects biases itself"):
+        make_toolchain("nncf").check_scheme(QuantScheme.parse("w4a8-bc"))
+    with pytest.raises(ValueError, match="post-training"):
+        make_toolchain("torch-ao-fx").quantize(model, QuantScheme.parse("w4a8-bc"), calibration_set(), trainable=True)
+    bad = CalibrationSet(torch.full((8, *TINY_SPEC.shape), float("nan")), batch_size=8)
+    with pytest.raises(ValueError, match="non-finite"):
+        make_toolchain("torchao-pt2e").quantize(model, QuantScheme.parse("w4a8"), bad)

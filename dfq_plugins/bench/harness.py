@@ -133,6 +133,8 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
     for t, chain in chains.items():  # refuse impossible combinations before any work
         for s in schemes:
             chain.check_scheme(s)
+            for trainable in {d is not None for _, d in plan.rows()}:
+                chain.check_bias_correction(chain.resolve_scheme(s, trainable), trainable)
     model, spec = entry.load()
     test = entry.test_set()
     images, labels = test.images, test.labels
@@ -166,7 +168,7 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
             for distill in [d for src, d in plan.rows() if src == source and seed in plan.seeds_of(src, d)]:
                 for tname in plan.toolchains:
                     for scheme in schemes:
-                        ran = chains[tname].resolve_scheme(scheme)
+                        ran = chains[tname].resolve_scheme(scheme, trainable=distill is not None)
                         rec = {"model": plan.model, "testset": test.name if not plan.test_limit else
                                f"{test.name}[:{plan.test_limit}]", "toolchain": tname, "scheme": ran.name,
                                "protocol": ran.protocol,

@@ -106,6 +106,11 @@ class NNCFToolchain(Toolchain):
                 "affine ones. Use the scheme with act_symmetric=true (e.g. 'w4a4-symact': unsigned after ReLU, "
                 "so the same grid for ReLU outputs), or toolchain torch-ao-fx / torchao-pt2e"
             )
+        if scheme.bias_correction == "on":
+            raise UnsupportedSchemeError(
+                "nncf.quantize corrects biases itself (its fast_bias_correction, on by default at every "
+                "bit-width); drop '-bc'"
+            )
         if scheme.protocol == "B":
             raise UnsupportedSchemeError(
                 "nncf.quantize cannot put the first layer at W8 and the last at W8A8 (Protocol B) while the rest "
@@ -118,12 +123,17 @@ class NNCFToolchain(Toolchain):
                 "(or exclude them with ignored_scope to leave them in float)"
             )
 
-    def resolve_scheme(self, scheme: QuantScheme) -> QuantScheme:
+    def resolve_scheme(self, scheme: QuantScheme, trainable: bool = False) -> QuantScheme:
         """``auto`` is NNCF's own MinMax for weights and activations: its bias correction is fitted to
-        MinMax weights, and a scale search after it cost 1.1 points at W4A8 (ResNet-20, real data)."""
+        MinMax weights, and a scale search after it cost 1.1 points at W4A8 (ResNet-20, real data).
+
+        ``nncf.quantize`` corrects biases itself (``fast_bias_correction``, at every bit-width), so
+        the scheme's own ``bias_correction`` (the FX/PT2E hook) resolves to off and names stay as before.
+        """
         return dataclasses.replace(
             scheme, weight_observer="minmax" if scheme.weight_observer == "auto" else scheme.weight_observer,
-            act_observer="minmax" if scheme.act_observer == "auto" else scheme.act_observer).resolved()
+            act_observer="minmax" if scheme.act_observer == "auto" else scheme.act_observer,
+            bias_correction="off" if scheme.bias_correction == "auto" else scheme.bias_correction).resolved()
 
     def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
                 trainable: bool = False) -> _Pending:

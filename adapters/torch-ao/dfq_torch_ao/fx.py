@@ -9,6 +9,7 @@ from torch import nn
 
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
+from dfq_plugins.quant.biascorrect import fx_layers
 from dfq_plugins.quant.learnable import make_ranges_learnable
 from dfq_plugins.quant.protocols import apply_protocol
 from dfq_plugins.scheme import QuantScheme
@@ -85,7 +86,7 @@ class FxToolchain(Toolchain):
         from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
         self.check_scheme(scheme)
-        scheme = scheme.resolved()
+        scheme = self.resolve_scheme(scheme, trainable)
         m = private_copy(model, trainable)
         mapping = qconfig_mapping_for(m, scheme, trainable)
         with warnings.catch_warnings():
@@ -114,6 +115,9 @@ class FxToolchain(Toolchain):
             pin_input_observers(prepared, *input_bounds_of(calibration_set))
         prepared.train(was_training)
         return prepared
+
+    def bias_correction_layers(self, prepared: Any) -> list[Any]:
+        return fx_layers(prepared)
 
     def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
         """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""

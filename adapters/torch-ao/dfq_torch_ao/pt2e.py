@@ -12,6 +12,7 @@ from torch import nn
 
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
+from dfq_plugins.quant.biascorrect import pt2e_layers
 from dfq_plugins.quant.learnable import make_ranges_learnable
 from dfq_plugins.quant.protocols import apply_protocol
 from dfq_plugins.scheme import QuantScheme
@@ -136,7 +137,7 @@ class PT2EToolchain(Toolchain):
         )
 
         self.check_scheme(scheme)
-        scheme = scheme.resolved()
+        scheme = self.resolve_scheme(scheme, trainable)
         m = private_copy(model, trainable)
         if self.observer is not None:
             scheme = dataclasses.replace(scheme, act_observer=self.observer)
@@ -174,6 +175,9 @@ class PT2EToolchain(Toolchain):
 
         move_exported_model_to_train(student)
         return student
+
+    def bias_correction_layers(self, prepared: Any) -> list[Any]:
+        return pt2e_layers(prepared)
 
     def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
         """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""
