@@ -130,7 +130,7 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
         raise ValueError(f"model {plan.model!r} registers no real test set, so it cannot be benchmarked")
     schemes = [QuantScheme.parse(s) for s in plan.schemes]
     chains = {t: make_toolchain({"name": t, **plan.toolchain_configs.get(t, {})}) for t in plan.toolchains}
-    for t, chain in chains.items():  # refuse impossible combinations before any work
+    for chain in chains.values():  # refuse impossible combinations before any work
         for s in schemes:
             chain.check_scheme(s)
             for trainable in {d is not None for _, d in plan.rows()}:
