@@ -381,3 +381,46 @@ def test_bias_correction_is_refused_where_it_cannot_run():
     bad = CalibrationSet(torch.full((8, *TINY_SPEC.shape), float("nan")), batch_size=8)
     with pytest.raises(ValueError, match="non-finite"):
         make_toolchain("torchao-pt2e").quantize(model, QuantScheme.parse("w4a8"), bad)
+
+
+def test_an_interrupted_chain_resumes_in_its_second_stage(tmp_path, monkeypatch):
+    """Ctrl-C during kd of reconstruct+kd: the rerun reloads the finished reconstruction and
+    resumes kd from its checkpoint, ending where an uninterrupted chain ends."""
+    import dfq_plugins
+    from dfq_plugins.distillers.kd import KDDistiller
+
+    model, cs = make_trained_tiny(), calibration_set()
+    chain = make_toolchain("torch-ao-fx")
+    scheme = QuantScheme.parse("w4a4")
+    stages = [{"name": "reconstruct", "steps": 3, "batch_size": 16},
+              {"name": "kd", "batch_size": 16, "checkpoint_every": 2}]
+
+    def run(cache_dir):
+        monkeypatch.setenv("DFQ_CACHE", str(cache_dir))
+        student = chain.quantize(model, scheme, cs, trainable=True)
+        return dfq_plugins.distill(model, student, cs, distiller=stages, toolchain="torch-ao-fx", scheme=scheme,
+                                   input_spec=TINY_SPEC, steps=6, progress=False)
+
+    whole = run(tmp_path / "a")
+    original = KDDistiller.train_step
+
+    def interrupt_at_step_4(self, run_, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, run_, step)
+
+    monkeypatch.setattr(KDDistiller, "train_step", interrupt_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    assert len(list((tmp_path / "b" / "distill").glob("kd-*/checkpoint.safetensors"))) == 1
+    steps_run = []
+
+    def record(self, run_, step):
+        steps_run.append(step)
+        return original(self, run_, step)
+
+    monkeypatch.setattr(KDDistiller, "train_step", record)
+    resumed = run(tmp_path / "b")
+    assert steps_run == [4, 5]  # kd resumed where it stopped, after the reloaded reconstruction
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
