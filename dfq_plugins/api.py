@@ -136,13 +136,16 @@ def distill_stages(distill: str | dict[str, Any] | list[str | dict[str, Any]]) -
     return stages
 
 
-def make_distillers(distill: str | dict[str, Any] | list[str | dict[str, Any]], steps: int | None = None) -> list[Any]:
+def make_distillers(distill: str | dict[str, Any] | list[str | dict[str, Any]], steps: int | None = None,
+                    tables: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     """Configured distillers for a chain; ``steps`` sets the last stage's steps only.
 
     In ``reconstruct+kd`` the first stage's steps are per block, so one number for both would
-    make no sense: earlier stages keep their own (or their table's) steps.
+    make no sense: earlier stages keep their own (or their table's) steps. ``tables`` (a recipe's
+    ``[distillers.NAME]``) configure the stages given by name.
     """
-    stages = distill_stages(distill)
+    stages = [{"name": st, **(tables or {}).get(st, {})} if isinstance(st, str) else st
+              for st in distill_stages(distill)]
     return [make_distiller(stage, steps if i == len(stages) - 1 else None) for i, stage in enumerate(stages)]
 
 

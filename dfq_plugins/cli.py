@@ -98,10 +98,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t:.1f}s (synthesis took {cs.manifest.get('synth_seconds', 0):.1f}s)")
     t = time.perf_counter()
     if s.get("distill"):
-        from .api import distill_stages, make_distillers, run_distillers
+        from .api import make_distillers, run_distillers
 
-        distillers = make_distillers([{"name": n, **s["distillers"].get(n, {})} for n in distill_stages(s["distill"])],
-                                     int(s["steps"]) if s.get("steps") else None)
+        distillers = make_distillers(s["distill"], int(s["steps"]) if s.get("steps") else None, s["distillers"])
         student = chain.quantize(model, scheme, cs, trainable=True)
         plan = " then ".join(f"'{d.name}' for {d.steps} steps" + (" per block" if d.name == "reconstruct" else "")
                              for d in distillers)

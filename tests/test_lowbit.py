@@ -266,7 +266,7 @@ def test_every_bench_recipe_names_valid_schemes_distillers_and_toolchains():
     """A recipe with a typo would fail only after minutes of synthesis; check them all here."""
     from pathlib import Path
 
-    from dfq_plugins.api import distill_stages
+    from dfq_plugins.api import make_distillers
     from dfq_plugins.bench.harness import parse_pairs
     from dfq_plugins.recipes import load_recipe, split_list
 
@@ -284,8 +284,7 @@ def test_every_bench_recipe_names_valid_schemes_distillers_and_toolchains():
                 chain.check_scheme(QuantScheme.parse(scheme))
         distills = {d for _, d in parse_pairs(split_list(recipe.get("rows")))} | set(split_list(recipe.get("distill")))
         for chained in distills - {None}:
-            for name in distill_stages(chained):
-                make_distiller({"name": name, **recipe.get("distillers", {}).get(name, {})})
+            make_distillers(chained, tables=recipe.get("distillers", {}))
     finetune = load_recipe(Path(__file__).parents[1] / "recipes" / "lowbit-finetune-30min.toml")
     kd = make_distiller({"name": "kd", **finetune["distillers"]["kd"]}, steps=finetune["steps"])
     assert (kd.ranges, kd.optimizer, kd.steps) == ("learned", "adam", 3000)

@@ -154,10 +154,9 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
     log(f"{plan.model}: full precision top-1 {fp_top1:.2f}% on {test.name} ({len(labels)} images, "
         f"{time.perf_counter() - t0:.1f}s)")
 
-    from ..api import distill_stages, make_distillers, run_distillers
+    from ..api import make_distillers, run_distillers
 
-    distillers = {d: make_distillers([{"name": n, **plan.distill_configs.get(n, {})} for n in distill_stages(d)],
-                                     plan.distill_steps)
+    distillers = {d: make_distillers(d, plan.distill_steps, plan.distill_configs)
                   for d in {d for _, d in plan.rows() if d is not None}}
     seeds = list(dict.fromkeys(x for src, d in plan.rows() for x in plan.seeds_of(src, d)))
     for seed in seeds:

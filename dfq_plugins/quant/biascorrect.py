@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..data import CalibrationSet
+from .blocks import owner_and_attr
 
 
 @dataclass
@@ -46,9 +47,11 @@ class _MeanShift(fx.Interpreter):
         self.delta = {layer.node: (layer.quantize(layer.weight) - layer.weight).detach() for layer in layers}
         self.sums: dict[fx.Node, torch.Tensor] = {}
         self.counts: dict[fx.Node, int] = {}
+        self.observers = {n for n in gm.graph.nodes
+                          if n.op == "call_module" and _is_observer(gm.get_submodule(str(n.target)))}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op == "call_module" and _is_observer(self.module.get_submodule(str(n.target))):
+        if n in self.observers:
             return self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
         out = super().run_node(n)
         layer = self.by_node.get(n)
@@ -111,12 +114,11 @@ def pt2e_layers(gm: fx.GraphModule) -> list[WeightedLayer]:
         observer = gm.get_submodule(str(w_obs.target))
         if not _is_observer(observer):
             continue
-        weight = _attr(gm, str(w_obs.args[0].target))
+        weight = getattr(*owner_and_attr(gm, str(w_obs.args[0].target)))
         bias = node.args[2] if len(node.args) > 2 else None
         owner, bias_name = None, ""
         if isinstance(bias, fx.Node) and bias.op == "get_attr":
-            owner_name, _, bias_name = str(bias.target).rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
+            owner, bias_name = owner_and_attr(gm, str(bias.target))
         rest = list(node.args[3:]) if kind != "linear" else []
         layers.append(WeightedLayer(node, weight.detach(), observed_fake_quant(observer), owner, bias_name,
                                     conv_or_linear(kind, *rest)))
@@ -153,11 +155,6 @@ def fx_layers(gm: fx.GraphModule) -> list[WeightedLayer]:
                                       requires_grad=layer.weight.requires_grad)
         layers.append(WeightedLayer(node, layer.weight.detach(), observed_fake_quant(observer), layer, "bias", apply))
     return layers
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner_name, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner_name) if owner_name else gm, name)
 
 
 def conv_or_linear(kind: str, stride: Any = 1, padding: Any = 0, dilation: Any = 1,

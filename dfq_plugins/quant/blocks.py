@@ -125,6 +125,12 @@ class BlockRunner(fx.Interpreter):
         return out
 
 
+def owner_and_attr(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """The module holding a get_attr target (``"conv1.weight"``) and the attribute's name."""
+    owner_name, _, attr = target.rpartition(".")
+    return (gm.get_submodule(owner_name) if owner_name else gm), attr
+
+
 def block_parameters(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
     """Trainable parameters the block reads: QAT modules' and get_attr weights (not BN running stats)."""
     params: list[nn.Parameter] = []
@@ -135,13 +141,11 @@ def block_parameters(gm: fx.GraphModule, block: Block) -> list[nn.Parameter]:
                 seen.add(id(p))
                 params.append(p)
     for target in block.attrs:
-        module_name, _, attr = target.rpartition(".")
-        owner = gm.get_submodule(module_name) if module_name else gm
-        p = getattr(owner, attr)
+        p = getattr(*owner_and_attr(gm, target))
         if isinstance(p, nn.Parameter) and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
     return params
 
 
-__all__ = ["Block", "BlockRunner", "block_parameters", "cut_points", "find_blocks"]
+__all__ = ["Block", "BlockRunner", "block_parameters", "cut_points", "find_blocks", "owner_and_attr"]

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .blocks import owner_and_attr
+
 
 def _weight_quantizers(student: nn.Module) -> list[tuple[nn.Parameter, nn.Module]]:
     """(weight parameter, its fake-quant) pairs: FX QAT modules, or PT2E graph nodes fed by a weight."""
@@ -32,8 +34,7 @@ def _weight_quantizers(student: nn.Module) -> list[tuple[nn.Parameter, nn.Module
             while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.args:  # through BN folding
                 arg = arg.args[0]
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                owner_name, _, attr = str(arg.target).rpartition(".")
-                param = getattr(student.get_submodule(owner_name) if owner_name else student, attr)
+                param = getattr(*owner_and_attr(student, str(arg.target)))
                 if isinstance(param, nn.Parameter):
                     pairs.append((param, fq))
     return pairs
