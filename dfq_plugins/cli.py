@@ -43,12 +43,16 @@ def _source_arg(name: str, s: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     rows = plugins.describe()
+    conflicts = plugins.conflicts()
     if args.json:
-        print(json.dumps({"plugins": rows, "failures": [f.__dict__ for f in plugins.failures]}, indent=2))
+        print(json.dumps({"plugins": rows, "failures": [f.__dict__ for f in plugins.failures],
+                          "conflicts": [dict(c.__dict__, message=c.message()) for c in conflicts]}, indent=2))
         return 0
     for row in rows:
         regs = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(row["registers"].items())) or "(nothing)"
         print(f"{row['plugin']:18s} {row['distribution']} {row['version']}  {regs}")
+    for c in conflicts:
+        print(f"{'OVERRIDDEN' if c.overridden else 'REFUSED'} {c.message()}", file=sys.stderr)
     for f in plugins.failures:
         print(f"FAILED {f.name} ({f.distribution} {f.version}): {f.error}", file=sys.stderr)
     return 0

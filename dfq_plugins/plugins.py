@@ -3,7 +3,13 @@
 Loading rules: entry points of group ``dfq_plugins`` are loaded once, on first use. A plugin
 that fails to import, or that implements a hook name we do not know (a typo), is reported
 with its distribution and skipped; the others still load. ``DFQ_PLUGINS=a,b`` restricts
-loading to the named entry points (the built-ins ``builtin-*`` are always loaded).
+loading to the named entry points (dfq-plugins' own ``builtin-*`` are always loaded).
+
+Names: dfq-plugins' built-ins register first, then the other plugins in the order they were
+loaded (entry points by name). The first plugin to register a name keeps it; a later plugin that
+claims a taken name is the one refused, reported by ``dfq plugins`` and warned about when the name
+is used. ``DFQ_PLUGIN_OVERRIDES="zeroq=my-plugin,toolchains:torch-ao-fx=other"`` hands a name to
+another plugin on purpose, with a warning every time it is used.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import difflib
 import importlib.metadata as md
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +28,8 @@ from . import hookspecs
 from .errors import PluginError, UnknownNameError
 
 ENTRY_POINT_GROUP = "dfq_plugins"
+OVERRIDES_ENV = "DFQ_PLUGIN_OVERRIDES"
+OWN_DISTRIBUTION = "dfq-plugins"
 
 pm = pluggy.PluginManager(hookspecs.PROJECT)
 pm.add_hookspecs(hookspecs)
@@ -52,8 +61,29 @@ class Entry:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NameConflict:
+    """Two plugins registered one name: ``kept`` has it, ``refused`` does not."""
+
+    kind: str
+    name: str
+    kept: str
+    refused: str
+    overridden: bool  # kept by DFQ_PLUGIN_OVERRIDES rather than by registration order
+
+    def message(self) -> str:
+        if self.overridden:
+            return (f"{self.kind[:-1]} {self.name!r} is overridden by plugin {self.kept!r} ({OVERRIDES_ENV}); "
+                    f"plugin {self.refused!r} also registers it")
+        return (f"{self.kind[:-1]} {self.name!r} is registered by plugin {self.kept!r} first; plugin "
+                f"{self.refused!r} also claims it and was refused. To use {self.refused!r}'s, set "
+                f"{OVERRIDES_ENV}={self.kind}:{self.name}={self.refused}")
+
+
 failures: list[PluginFailure] = []
 _dist_of_plugin: dict[str, tuple[str, str]] = {}
+_order: list[str] = []  # plugin names in registration order, dfq-plugins' built-ins first
+_conflicts: dict[str, list[NameConflict]] = {}  # per kind, from its last collect()
 
 
 def _known_hooks() -> set[str]:
@@ -87,18 +117,49 @@ def register_plugin(plugin: object, name: str, distribution: str = "(in-process)
         pm.unregister(name=name)
         raise
     _dist_of_plugin[name] = (distribution, version)
+    _order.append(name)
 
 
 def unregister_plugin(name: str) -> None:
     pm.unregister(name=name)
     _dist_of_plugin.pop(name, None)
+    if name in _order:
+        _order.remove(name)
 
 
-def _wanted(ep_name: str) -> bool:
+def _is_builtin(ep_name: str, dist: str) -> bool:
+    """dfq-plugins' own entry points; another distribution cannot claim the rank by its names."""
+    return ep_name.startswith("builtin-") and dist == OWN_DISTRIBUTION
+
+
+def _wanted(ep_name: str, dist: str = OWN_DISTRIBUTION) -> bool:
     only = os.environ.get("DFQ_PLUGINS")
-    if only is None or ep_name.startswith("builtin-"):
+    if only is None or _is_builtin(ep_name, dist):
         return True
     return ep_name in {n.strip() for n in only.split(",") if n.strip()}
+
+
+def _dist_name(ep: md.EntryPoint) -> str:
+    return ep.dist.name if ep.dist else "(unknown)"
+
+
+def overrides() -> dict[tuple[str | None, str], str]:
+    """``DFQ_PLUGIN_OVERRIDES`` parsed: (kind or None, name) -> the plugin that gets the name."""
+    raw = os.environ.get(OVERRIDES_ENV, "")
+    out: dict[tuple[str | None, str], str] = {}
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        key, sep, plugin = item.partition("=")
+        kind, colon, name = key.strip().rpartition(":")
+        if not sep or not plugin.strip() or not name:
+            raise PluginError(f"{OVERRIDES_ENV}: {item!r} is not 'name=plugin' or 'kind:name=plugin' "
+                              "(e.g. zeroq=my-plugin or synthesizers:zeroq=my-plugin)")
+        if colon and kind not in hookspecs.HOOK_KINDS:
+            raise PluginError(f"{OVERRIDES_ENV}: unknown kind {kind!r} in {item!r}; "
+                              f"kinds: {', '.join(hookspecs.HOOK_KINDS)}")
+        out[(kind if colon else None, name)] = plugin.strip()
+    return out
 
 
 def load_plugins() -> None:
@@ -110,11 +171,19 @@ def load_plugins() -> None:
         if _loaded:
             return
         _loaded = True
-        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if not _wanted(ep.name) or pm.has_plugin(ep.name):
-                continue
-            dist = ep.dist.name if ep.dist else "(unknown)"
+        eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda e: (not _is_builtin(e.name, _dist_name(e)), e.name))
+        for ep in eps:
+            dist = _dist_name(ep)
             version = ep.dist.version if ep.dist else ""
+            if not _wanted(ep.name, dist):
+                continue
+            if pm.has_plugin(ep.name):
+                taken = _dist_of_plugin.get(ep.name, ("(in-process)", ""))[0]
+                if taken != dist:
+                    failures.append(PluginFailure(ep.name, dist, version, f"entry point name {ep.name!r} is "
+                                                  f"already taken by {taken}; rename the entry point"))
+                continue
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
@@ -127,27 +196,45 @@ def load_plugins() -> None:
                 failures.append(PluginFailure(ep.name, dist, version, f"{type(exc).__name__}: {exc}"))
                 continue
             _dist_of_plugin[ep.name] = (dist, version)
+            _order.append(ep.name)
+
+
+def _rank(plugin: str) -> int:
+    return _order.index(plugin) if plugin in _order else len(_order)
 
 
 def collect(kind: str) -> dict[str, Entry]:
     """Ask every plugin to register its things of ``kind``; return them by name.
 
     Each hook implementation is called on its own so that every entry is attributed to its
-    plugin, and a plugin whose hook raises is reported without hiding the others.
+    plugin, and a plugin whose hook raises is reported without hiding the others. Plugins are
+    asked in registration order and the first to claim a name keeps it (module docstring).
     """
     load_plugins()
     hook_name = hookspecs.HOOK_KINDS[kind]
     caller = getattr(pm.hook, hook_name)
     entries: dict[str, Entry] = {}
-    for impl in reversed(caller.get_hookimpls()):  # registration order
+    wanted = overrides()
+    conflicts: list[NameConflict] = []
+    for impl in sorted(caller.get_hookimpls(), key=lambda i: _rank(i.plugin_name)):
         dist, version = _dist_of_plugin.get(impl.plugin_name, ("(in-process)", ""))
 
-        def register(name: str, obj: Any, _plugin: str = impl.plugin_name, **options: Any) -> None:
-            if name in entries and entries[name].plugin != _plugin:
-                raise PluginError(
-                    f"{kind[:-1]} {name!r} registered by both {entries[name].plugin!r} and {_plugin!r}"
-                )
-            entries[name] = Entry(kind, name, obj, _plugin, dist, version, options)
+        def register(name: str, obj: Any, _plugin: str = impl.plugin_name, _dist: str = dist,
+                     _version: str = version, **options: Any) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {_plugin!r} registered a {kind[:-1]} under {name!r}; names are non-empty "
+                                  "strings")
+            entry = Entry(kind, name, obj, _plugin, _dist, _version, options)
+            prev = entries.get(name)
+            if prev is not None and prev.plugin != _plugin:
+                owner = wanted.get((kind, name), wanted.get((None, name)))
+                if owner == _plugin:
+                    conflicts.append(NameConflict(kind, name, _plugin, prev.plugin, overridden=True))
+                    entries[name] = entry
+                else:
+                    conflicts.append(NameConflict(kind, name, prev.plugin, _plugin, overridden=owner == prev.plugin))
+                return
+            entries[name] = entry
 
         try:
             impl.function(register=register)
@@ -155,13 +242,26 @@ def collect(kind: str) -> dict[str, Entry]:
             failure = PluginFailure(impl.plugin_name, dist, version, f"{hook_name}: {type(exc).__name__}: {exc}")
             if failure not in failures:
                 failures.append(failure)
+    _conflicts[kind] = conflicts
     return entries
 
 
+def conflicts() -> list[NameConflict]:
+    """Every name two plugins claimed, as of the last collect of each kind."""
+    for kind in hookspecs.HOOK_KINDS:
+        collect(kind)
+    return [c for kind in hookspecs.HOOK_KINDS for c in _conflicts.get(kind, [])]
+
+
 def get(kind: str, name: str) -> Entry:
-    """The entry registered under ``name``, or an error listing the names that exist."""
+    """The entry registered under ``name``, or an error listing the names that exist.
+
+    Warns when another plugin also claims the name (refused, or overridden on purpose)."""
     entries = collect(kind)
     if name in entries:
+        for c in _conflicts.get(kind, []):
+            if c.name == name:
+                warnings.warn(c.message(), stacklevel=2)
         return entries[name]
     hint = difflib.get_close_matches(name, list(entries), n=1)
     did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
