@@ -16,7 +16,7 @@ from typing import Any, Union
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from .errors import CorruptArtifactError
+from .errors import CorruptArtifactError, NonFiniteError
 from .io import atomic_write, atomic_write_text, tensors_hash
 
 Batch = Union[torch.Tensor, tuple, dict]
@@ -129,6 +129,10 @@ class CalibrationSet:
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         tensors = self._all_tensors()
+        bad = _non_finite(tensors)
+        if bad:
+            raise NonFiniteError(f"refusing to save a calibration set with NaN or infinite values in {bad}; "
+                                 "it would calibrate a model with NaN ranges")
         header = {
             "format_version": FORMAT_VERSION,
             "input_kind": self._kind,
@@ -163,6 +167,9 @@ class CalibrationSet:
             raise CorruptArtifactError(
                 f"{path}: content hash mismatch, the file was modified or damaged; delete it and synthesize again"
             )
+        bad = _non_finite(tensors)
+        if bad:
+            raise CorruptArtifactError(f"{path}: NaN or infinite values in {bad}; delete it and synthesize again")
         kind = header["input_kind"]
         ins = {k.removeprefix("inputs."): t for k, t in tensors.items() if k.startswith("inputs.")}
         if kind == "tensor":
@@ -186,6 +193,10 @@ class CalibrationSet:
         if self._kind != "tensor":
             raise TypeError("this set has several inputs; index batches instead")
         return self._tensors["x"]
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 class _BatchView(torch.utils.data.Dataset):

@@ -35,3 +35,7 @@ class CorruptArtifactError(DFQError, ValueError):
 
 class PluginError(DFQError, RuntimeError):
     """A plugin that broke the contract (duplicate name, bad hook)."""
+
+
+class NonFiniteError(DFQError, ValueError):
+    """NaN or infinity where a model, a synthesized image or a loss must be finite."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .errors import NonFiniteError
 from .io import tensors_hash
 from .spec import InputSpec
 
@@ -22,6 +23,7 @@ class Teacher:
     """
 
     def __init__(self, model: nn.Module, spec: InputSpec) -> None:
+        check_model_values(model)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -69,6 +71,33 @@ class Teacher:
         """Append the classifier's input (pooled features) to ``store`` on each forward."""
         with self.forward_pre_hooks([self.classifier()], lambda _i, x: store.append(x)):
             yield
+
+
+def check_model_values(model: nn.Module) -> None:
+    """Refuse a model whose weights or BatchNorm statistics cannot give finite outputs.
+
+    Synthesis matches the BN statistics, so a NaN mean or a negative variance (a damaged
+    checkpoint) turns every synthesized image into NaN; name the first bad tensor instead.
+    """
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+            raise NonFiniteError(f"the model's {name!r} holds a non-finite value at index {bad} "
+                                 f"({t[tuple(bad)].item()}); the checkpoint is damaged or was not loaded right")
+    for name, m in model.named_modules():
+        var = getattr(m, "running_var", None) if isinstance(m, _BN_TYPES) else None
+        if var is not None and (var < 0).any():
+            channel = int((var < 0).nonzero()[0, 0])
+            raise NonFiniteError(f"BatchNorm {name!r} has a negative running_var at channel {channel} "
+                                 f"({var[channel].item():g}): a variance cannot be negative, and synthesis matching "
+                                 "it gives NaN images; the checkpoint is damaged or was not loaded right")
+
+
+def check_finite(what: str, t: torch.Tensor, hint: str = "") -> None:
+    """Raise NonFiniteError naming ``what`` when ``t`` holds NaN or infinity."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        n = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{what}: {n} of {t.numel()} values are NaN or infinite{'; ' + hint if hint else ''}")
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import NonFiniteError
 from ..progress import progress_bar
 from ..quant.learnable import clamp_scales
 from ..teacher import Teacher
@@ -84,6 +85,7 @@ class TrainingRun:
         self.elapsed = 0.0
         self.history: list[dict[str, float]] = []
         self._observing = False
+        self._pending_interrupt: list[int] = []
         self._learned_ranges: list[torch.Tensor] = []
 
     # -- set-up -------------------------------------------------------------------------------
@@ -136,6 +138,10 @@ class TrainingRun:
     def update(self, name: str, loss: torch.Tensor) -> None:
         """Backward into ``name``'s parameters only, then step its optimiser."""
         t = self.trainables[name]
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteError(f"distiller {self.d.name}: the {name} loss is {loss.item()} at step {self.step}; "
+                                 "no update was made and the last checkpoint is intact. Lower the learning rate, "
+                                 "or check the calibration set and the model for NaN")
         params = [p for g in t.optimizer.param_groups for p in g["params"] if p.requires_grad]
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=params)
@@ -196,8 +202,11 @@ class TrainingRun:
         return True
 
     def run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
-        with _terminate_as_interrupt():
+        with _deferred_interrupts() as pending:
+            self._pending_interrupt = pending
             self._run(train_step)
+            if pending:  # the signal came during the last step: the finished run is saved, now stop
+                raise KeyboardInterrupt
 
     def _run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
         d = self.d
@@ -225,9 +234,9 @@ class TrainingRun:
                 bar.update(1)
                 if d.checkpoint_every and self.step % d.checkpoint_every == 0 and self.step < total:
                     self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
+                if self._pending_interrupt and self.step < total:  # Ctrl-C/SIGTERM during the step just done
+                    self.save()
+                    raise KeyboardInterrupt
         finally:
             bar.close()
         self.extra["steps_done"] = self.step
@@ -235,23 +244,31 @@ class TrainingRun:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a killed background job, a scheduler's time limit) checkpoints like Ctrl-C.
-
-    Background jobs of a non-interactive shell ignore SIGINT, so SIGTERM is how they get stopped.
+def _deferred_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM stop the loop at the next step boundary, so the checkpoint written then
+    holds completed steps only (a signal landing after the forward pass has already moved the
+    observers; one after ``optimizer.step`` has moved the weights). The yielded list receives the
+    signals; a second signal stops at once without a checkpoint, and the run then resumes from
+    the last periodic one. SIGTERM is handled because background jobs of a non-interactive shell
+    ignore SIGINT. Outside the main thread signals cannot be caught; a KeyboardInterrupt raised
+    mid-step there (or by code) writes no checkpoint either, for the same reason.
     """
+    pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield pending
         return
 
-    def handler(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
+    def handler(signum: int, _frame: Any) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield pending
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 __all__ = ["LR_SCHEDULES", "RANGE_MODES", "Trainable", "TrainingRun", "lr_factor"]

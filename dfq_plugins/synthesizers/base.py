@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import CalibrationSet
-from ..teacher import Teacher
+from ..teacher import Teacher, check_finite
 
 
 @dataclass
@@ -58,7 +58,11 @@ class Synthesizer:
     def finish(self, teacher: Teacher, images: torch.Tensor, seed: int, batch_size: int,
                labels: torch.Tensor | None = None, extra: dict[str, Any] | None = None,
                metadata: dict[str, torch.Tensor] | None = None) -> CalibrationSet:
+        check_finite(f"{self.name}: the synthesized images", images,
+                     "the optimisation diverged; lower the learning rate or check the model")
         soft = teacher_soft_labels(teacher, images)
+        check_finite(f"{self.name}: the teacher's soft labels of the synthesized images", soft,
+                     "the model gives non-finite logits on them")
         entropy = -(soft.clamp_min(1e-12).log() * soft).sum(1)
         from .. import __version__
 
@@ -125,6 +129,8 @@ def resumable_batches(sizes: list[int], workdir: Path | None, make: Callable[[in
             except Exception:
                 path.unlink(missing_ok=True)  # unreadable leftover: redo that batch
         images = make(i, size).detach().contiguous()
+        check_finite(f"synthesis batch {i}", images, "the optimisation diverged (nothing of it was cached); "
+                     "lower the learning rate or check the model's BatchNorm statistics")
         if path is not None:
             atomic_write(path, lambda p, t=images: save_file({"images": t}, str(p)))
         out.append(images)
