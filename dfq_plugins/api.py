@@ -1,8 +1,10 @@
 """The public verbs: synthesize a calibration set, quantize a model through a toolchain."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,21 @@ def calibration_cache_path(teacher: Teacher, synth: Any, num_samples: int, seed:
     return cache_root() / "calibration" / f"{synth.name}-{key}.safetensors"
 
 
+def load_cached_set(path: Path) -> CalibrationSet:
+    """A cached set, verified; one written before header hashing is re-saved with it (its pixels
+    verified first), so the cache upgrades itself once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cs = CalibrationSet.load(path)
+    if any("older dfq-plugins" in str(w.message) for w in caught):
+        with contextlib.suppress(OSError):  # a read-only cache keeps the old file; its pixels were verified
+            cs.save(path)
+    for w in caught:
+        if "older dfq-plugins" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cs
+
+
 def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *,
                input_spec: InputSpec | None = None, num_samples: int = 256, batch_size: int = 32, seed: int = 0,
                data: Any = None, cache: bool = True, progress: bool = True) -> CalibrationSet:
@@ -68,7 +85,7 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
     with borrowed_teacher(model, spec) as teacher:
         path = calibration_cache_path(teacher, synth, num_samples, seed) if cache and synth.cacheable else None
         if path is not None and path.exists():
-            cs = CalibrationSet.load(path)
+            cs = load_cached_set(path)
             return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
         workdir = path.with_suffix(".partial") if path is not None else None
         started = time.perf_counter()

@@ -8,6 +8,7 @@ header; no pickle, so a shared set cannot run code) plus a human-readable JSON c
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,16 @@ from .io import atomic_write, atomic_write_text, tensors_hash
 Batch = Union[torch.Tensor, tuple, dict]
 FORMAT_VERSION = 1
 _MANIFEST_KEY = "dfq_manifest"
+_HEADER_FIELDS = ("format_version", "input_kind", "batch_size", "num_samples", "content_hash", "manifest")
+
+
+def header_hash(header: dict[str, Any]) -> str:
+    """sha256 of everything in a saved set's header but itself, so an edited manifest (its
+    ``input_spec`` drives ``input_range="spec"``) is refused like edited pixels are."""
+    import hashlib
+
+    text = json.dumps({k: header.get(k) for k in _HEADER_FIELDS}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _flatten_inputs(inputs: Batch) -> tuple[str, dict[str, torch.Tensor]]:
@@ -139,8 +150,9 @@ class CalibrationSet:
             "batch_size": self.batch_size,
             "num_samples": self.num_samples,
             "content_hash": tensors_hash(tensors),
-            "manifest": self.manifest,
+            "manifest": json.loads(json.dumps(self.manifest, default=str)),  # as it will read back
         }
+        header["header_hash"] = header_hash(header)
         text = json.dumps(header, sort_keys=True, default=str)
         atomic_write(path, lambda p: save_file(tensors, str(p), metadata={_MANIFEST_KEY: text}))
         atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2, sort_keys=True, default=str))
@@ -167,6 +179,13 @@ class CalibrationSet:
             raise CorruptArtifactError(
                 f"{path}: content hash mismatch, the file was modified or damaged; delete it and synthesize again"
             )
+        if verify and "header_hash" in header and header_hash(header) != header["header_hash"]:
+            raise CorruptArtifactError(
+                f"{path}: header hash mismatch, its manifest was edited or damaged; delete it and synthesize again"
+            )
+        if verify and "header_hash" not in header:
+            warnings.warn(f"{path} was written by an older dfq-plugins: its pixels are verified, its manifest is "
+                          "not; re-save it (CalibrationSet.load(p).save(p)) to cover both", stacklevel=2)
         bad = _non_finite(tensors)
         if bad:
             raise CorruptArtifactError(f"{path}: NaN or infinite values in {bad}; delete it and synthesize again")

@@ -111,32 +111,56 @@ def resumable_batches(sizes: list[int], workdir: Path | None, make: Callable[[in
     Each finished batch is written atomically, so an interrupted run resumes where it stopped
     and never reads half a batch.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from ..io import atomic_write
+    from ..io import atomic_write, tensors_hash
 
     out = []
     for i, size in enumerate(sizes):
         path = None if workdir is None else Path(workdir) / f"batch-{i:04d}.safetensors"
         if path is not None and path.exists():
-            try:
-                t = load_file(str(path))["images"]
-                if t.shape[0] == size:
-                    out.append(t)
-                    if after is not None:
-                        after(i, t, True)
-                    continue
-            except Exception:
-                path.unlink(missing_ok=True)  # unreadable leftover: redo that batch
+            t = _verified_batch(path, size)
+            if t is not None:
+                out.append(t)
+                if after is not None:
+                    after(i, t, True)
+                continue
+            path.unlink(missing_ok=True)  # damaged or unverifiable leftover: redo that batch
         images = make(i, size).detach().contiguous()
         check_finite(f"synthesis batch {i}", images, "the optimisation diverged (nothing of it was cached); "
                      "lower the learning rate or check the model's BatchNorm statistics")
         if path is not None:
-            atomic_write(path, lambda p, t=images: save_file({"images": t}, str(p)))
+            digest = tensors_hash({"images": images})
+            atomic_write(path, lambda p, t=images, h=digest: save_file({"images": t}, str(p),
+                                                                       metadata={"sha256": h}))
         out.append(images)
         if after is not None:
             after(i, images, False)
     return out
+
+
+def _verified_batch(path: Path, size: int) -> torch.Tensor | None:
+    """A finished batch file whose images still hash to what was written, or None (with a
+    warning) when it is damaged, unreadable, of another size, or from before batches were hashed."""
+    import warnings
+
+    from safetensors import safe_open
+
+    from ..io import tensors_hash
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            written = (f.metadata() or {}).get("sha256")
+            t = f.get_tensor("images")
+    except Exception as exc:  # noqa: BLE001 - any unreadable leftover is redone, never trusted
+        warnings.warn(f"{path} is unreadable ({type(exc).__name__}); synthesizing that batch again", stacklevel=3)
+        return None
+    if (written is None or t.shape[0] != size or tensors_hash({"images": t}) != written
+            or (t.is_floating_point() and not torch.isfinite(t).all())):
+        warnings.warn(f"{path} fails its integrity check (modified, damaged, or written before batches were "
+                      "hashed); synthesizing that batch again", stacklevel=3)
+        return None
+    return t
 
 
 __all__ = ["Synthesizer", "batches_of", "resumable_batches", "seeded_generator", "teacher_features",

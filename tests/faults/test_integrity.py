@@ -1,0 +1,95 @@
+"""Fault matrix, integrity: damaged partial batches are redone, an edited manifest is refused."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import dfq_plugins
+from dfq_plugins import CalibrationSet
+from dfq_plugins.errors import CorruptArtifactError
+from dfq_plugins.io import cache_root
+from dfq_plugins.synthesizers.zeroq import ZeroQSynthesizer
+
+from ..conftest import TINY_SPEC, make_tiny
+
+SOURCE = {"name": "zeroq", "iterations": 3, "synthesis_batch_size": 4}
+
+
+def interrupted_run(monkeypatch) -> list:
+    """Synthesize 12 images, stopped (Ctrl-C) in batch 2: batches 0 and 1 are left in .partial."""
+    real_batch = ZeroQSynthesizer.optimize_batch
+    calls: list[int] = []
+
+    def flaky(self, teacher, n, seed, index, bar, targets=None):
+        calls.append(index)
+        if index == 2 and calls.count(2) == 1:
+            raise KeyboardInterrupt
+        return real_batch(self, teacher, n, seed, index, bar, targets)
+
+    monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=12, progress=False)
+    return calls
+
+
+def partial_batch(index: int):
+    (partial,) = (cache_root() / "calibration").glob("*.partial")
+    return partial / f"batch-{index:04d}.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["bit-flip", "nan", "unhashed"])
+def test_a_damaged_partial_batch_is_redone_not_trusted(monkeypatch, damage):
+    calls = interrupted_run(monkeypatch)
+    path = partial_batch(1)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    images = load_file(str(path))["images"]
+    if damage == "bit-flip":
+        images.view(torch.int32)[0, 0, 0, 0] ^= 1 << 20
+    elif damage == "nan":
+        images[0, 0, 0, 0] = float("nan")
+    save_file({"images": images}, str(path), metadata=None if damage == "unhashed" else meta)
+    with pytest.warns(UserWarning, match="integrity check"):
+        resumed = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=12, progress=False)
+    assert calls == [0, 1, 2, 1, 2]  # batch 0 reused, batch 1 redone
+    fresh = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=12, cache=False,
+                                   progress=False)
+    assert resumed.content_hash() == fresh.content_hash()
+
+
+def edit_header(path, edit) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["dfq_manifest"])
+    edit(header)
+    save_file(tensors, str(path), metadata={"dfq_manifest": json.dumps(header)})
+
+
+def saved_set(tmp_path):
+    cs = CalibrationSet(torch.randn(8, *TINY_SPEC.shape), batch_size=4, manifest={"input_spec": TINY_SPEC.to_dict()})
+    return cs.save(tmp_path / "set.safetensors")
+
+
+def test_an_edited_manifest_is_refused(tmp_path):
+    path = saved_set(tmp_path)
+    edit_header(path, lambda h: h["manifest"]["input_spec"].update(mean=[0.0, 0.0, 0.0]))
+    with pytest.raises(CorruptArtifactError, match="header hash mismatch"):
+        CalibrationSet.load(path)
+
+
+def test_an_older_set_without_a_header_hash_loads_with_a_warning_and_the_cache_upgrades_it(tmp_path):
+    path = saved_set(tmp_path)
+    edit_header(path, lambda h: h.pop("header_hash"))
+    with pytest.warns(UserWarning, match="older dfq-plugins"):
+        CalibrationSet.load(path)
+    from dfq_plugins.api import load_cached_set
+
+    load_cached_set(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CalibrationSet.load(path)  # upgraded: no warning now
