@@ -13,7 +13,7 @@ from torch import nn
 
 from . import plugins
 from .data import CalibrationSet
-from .io import cache_root, short_hash
+from .io import cache_root, short_hash, writable_folder
 from .scheme import QuantScheme
 from .spec import InputSpec
 from .teacher import Teacher, borrowed_teacher
@@ -87,13 +87,20 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
         if path is not None and path.exists():
             cs = load_cached_set(path)
             return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
+        if path is not None:
+            writable_folder(path.parent)  # a clear error now, not after minutes of synthesis
         workdir = path.with_suffix(".partial") if path is not None else None
         started = time.perf_counter()
         cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
                               workdir=workdir)
     cs.manifest["synth_seconds"] = round(time.perf_counter() - started, 3)
     if path is not None:
-        cs.save(path)
+        try:
+            cs.save(path)
+        except OSError as exc:  # the cache went away or read-only during the run: keep the result
+            warnings.warn(f"could not cache the synthesized set at {path} ({type(exc).__name__}: {exc}); "
+                          "it is returned all the same, save it with .save(path)", stacklevel=2)
+            return cs
         shutil.rmtree(workdir, ignore_errors=True)
     return cs
 
@@ -189,6 +196,8 @@ def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn
     """Fine-tune ``student`` with ``distiller``; cached runs resume from their last checkpoint."""
     with borrowed_teacher(model, spec) as teacher:
         workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed, after)
+        if cache:
+            writable_folder(workdir.parent)
         distiller.last_key = key
         return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
                                  workdir=workdir if cache else None, key=key)

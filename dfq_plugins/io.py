@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,47 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+_PROCESS_START = time.time()
+
+
+class CacheLocationError(OSError):
+    """A cache location that cannot hold our files (a file, or not writable)."""
+
+
+def writable_folder(path: Path, what: str = "cache") -> Path:
+    """Create ``path`` if needed and prove a file can be written there, before any work starts;
+    also remove temporary files that runs killed mid-write left behind (older than this process)."""
+    path = Path(path)
+    hint = ("set DFQ_CACHE to a writable folder, or pass cache=False in the Python API to run without a cache")
+    if path.exists() and not path.is_dir():
+        raise CacheLocationError(f"the {what} location {path} is a file, not a folder; {hint}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dfq-write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CacheLocationError(f"cannot write to the {what} folder {path} "
+                                 f"({type(exc).__name__}: {exc.strerror or exc}); {hint}") from exc
+    remove_orphaned_temporaries(path)
+    return path
+
+
+def remove_orphaned_temporaries(folder: Path, older_than: float | None = None) -> int:
+    """Delete ``atomic_write`` temporaries (``.<name>.<random>.tmp``) under ``folder`` last written
+    before ``older_than`` (default: this process's start), i.e. by runs killed mid-write."""
+    cutoff = _PROCESS_START if older_than is None else older_than
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue  # another process took it, or we may not delete it: not ours to insist
+    return removed
 
 
 def cache_root() -> Path:

@@ -22,6 +22,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +181,20 @@ class TrainingRun:
         return None if self.workdir is None else self.workdir / "checkpoint.safetensors"
 
     def save(self) -> None:
+        """Checkpoint; a disk that fails now (full, gone read-only) costs the resume point, never the
+        run: a warning, and training goes on (the trained student is returned at the end)."""
         path = self._checkpoint_path()
         if path is None:
             return
-        save_checkpoint(path, key=self.key, step=self.step, elapsed=self.elapsed,
-                        modules={k: t.module for k, t in self.trainables.items()},
-                        optimizers={k: t.optimizer for k, t in self.trainables.items()},
-                        extra={**self.extra, "history": self.history[-200:]})
+        try:
+            save_checkpoint(path, key=self.key, step=self.step, elapsed=self.elapsed,
+                            modules={k: t.module for k, t in self.trainables.items()},
+                            optimizers={k: t.optimizer for k, t in self.trainables.items()},
+                            extra={**self.extra, "history": self.history[-200:]})
+        except OSError as exc:
+            warnings.warn(f"distiller {self.d.name}: could not write the checkpoint at step {self.step} to {path} "
+                          f"({type(exc).__name__}: {exc}); training goes on, but cannot resume from here",
+                          stacklevel=2)
 
     def resume(self) -> bool:
         path = self._checkpoint_path()

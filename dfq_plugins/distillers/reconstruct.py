@@ -20,6 +20,7 @@ every block; an interrupted run resumes at the next block.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -130,8 +131,12 @@ class ReconstructDistiller(Distiller):
                 fp_in = fp_out
                 done = b + 1
                 if path is not None:
-                    save_checkpoint(path, key=key or self.name, step=done, elapsed=time.perf_counter() - started,
-                                    modules={"student": student}, optimizers={}, extra={"history": history})
+                    try:
+                        save_checkpoint(path, key=key or self.name, step=done, elapsed=time.perf_counter() - started,
+                                        modules={"student": student}, optimizers={}, extra={"history": history})
+                    except OSError as exc:  # a failing disk costs the resume point, never the run
+                        warnings.warn(f"reconstruct: could not write the checkpoint after block {done} to {path} "
+                                      f"({type(exc).__name__}: {exc}); going on without it", stacklevel=2)
         finally:
             bar.close()
         snap_weights_to_grid(student, images[:2], toolchain)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -18,9 +17,12 @@ from .ranges import remove_input_quantizers, search_weight_scales
 
 
 def configure_extension_build() -> None:
-    """NNCF JIT-builds a C++ extension (~60 s on 2 cores, past its 60 s default timeout)."""
+    """NNCF JIT-builds a C++ extension (~60 s on 2 cores, past its 60 s default timeout), into our
+    cache (``DFQ_CACHE``) unless the user set ``TORCH_EXTENSIONS_DIR``."""
+    from dfq_plugins.io import cache_root
+
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dfq_plugins" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
 
 
 class _CallWrapper(nn.Module):
@@ -106,10 +108,10 @@ class NNCFToolchain(Toolchain):
                 "affine ones. Use the scheme with act_symmetric=true (e.g. 'w4a4-symact': unsigned after ReLU, "
                 "so the same grid for ReLU outputs), or toolchain torch-ao-fx / torchao-pt2e"
             )
-        if scheme.bias_correction == "on":
+        if scheme.corrects_biases:
             raise UnsupportedSchemeError(
                 "nncf.quantize corrects biases itself (its fast_bias_correction, on by default at every "
-                "bit-width); drop '-bc'"
+                "bit-width); drop '-bc' / '-bcbn'"
             )
         if scheme.protocol == "B":
             raise UnsupportedSchemeError(
