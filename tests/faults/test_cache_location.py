@@ -69,7 +69,7 @@ def test_a_disk_that_fails_during_distillation_still_returns_the_trained_student
 
 def test_a_distillation_into_a_read_only_cache_is_refused_before_training(monkeypatch):
     model = make_trained_tiny()
-    chain, student = student_for(model)
+    _, student = student_for(model)
     deny_writes(monkeypatch)
     with pytest.raises(CacheLocationError, match="cannot write"):
         dfq_plugins.distill(model, student, calibration_set(), distiller="kd", toolchain="torch-ao-fx",
