@@ -46,8 +46,8 @@ class Toolchain:
         return None
 
     def check_bias_correction(self, scheme: QuantScheme, trainable: bool) -> None:
-        """Refuse an explicit ``-bc`` this toolchain or a trainable student cannot honour."""
-        if scheme.bias_correction != "on":
+        """Refuse an explicit ``-bc``/``-bcbn`` this toolchain or a trainable student cannot honour."""
+        if not scheme.corrects_biases:
             return
         if trainable:
             raise UnsupportedSchemeError(
@@ -138,10 +138,11 @@ class Toolchain:
         prepared = self.calibrate(prepared, calibration_set)
         if trainable:
             return prepared
-        if ran.bias_correction == "on":
+        if ran.corrects_biases:
             from .quant.biascorrect import correct_biases
 
-            correct_biases(prepared, self.bias_correction_layers(prepared), calibration_set)
+            correct_biases(prepared, self.bias_correction_layers(prepared), calibration_set,
+                           standardize_with=model if ran.bias_correction == "bn" else None)
         return self.convert(prepared)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dfq_plugins import CalibrationSet, QuantScheme
 from dfq_plugins.api import make_distiller, make_toolchain
@@ -24,7 +25,8 @@ def calib(n: int = 32) -> CalibrationSet:
 
 
 def test_scheme_names_say_what_ran_and_minmax_stays_reachable():
-    assert QuantScheme.parse("w4a8").name == "w4a8-bc"  # MinMax weights, bias-corrected
+    assert QuantScheme.parse("w4a8").name == "w4a8-bcbn"  # MinMax weights, bias-corrected under BN statistics
+    assert QuantScheme.parse("w4a8-bc").name == "w4a8-bc"  # expectations on the images as they are
     assert QuantScheme.parse("w4a8-nobc").name == "w4a8-wmse"  # without correction, the clipping search
     assert make_toolchain("torchao-pt2e").resolve_scheme(QuantScheme.parse("w4a8"), trainable=True).name == "w4a8-wmse"
     assert QuantScheme.parse("w4a4").name == "w4a4-wmse-ahist"
@@ -353,8 +355,9 @@ def test_a_distiller_chain_runs_in_order_and_keys_each_stage_by_the_ones_before(
         distill_stages(3)
 
 
+@pytest.mark.parametrize("suffix", ["bc", "bcbn"])
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
-def test_bias_correction_removes_the_mean_shift_of_low_bit_weights(name):
+def test_bias_correction_removes_the_mean_shift_of_low_bit_weights(name, suffix):
     """2-bit weights shift each output channel's mean; the corrected converted model's logits are
     centred where the float model's are, and closer to them overall."""
     model = make_trained_tiny()
@@ -364,17 +367,86 @@ def test_bias_correction_removes_the_mean_shift_of_low_bit_weights(name):
     with torch.no_grad():
         fp = model(x)
         plain = chain.quantize(model, QuantScheme.parse("w2a8-nobc"), cs)(x)
-        corrected = chain.quantize(model, QuantScheme.parse("w2a8-bc"), cs)(x)
+        corrected = chain.quantize(model, QuantScheme.parse(f"w2a8-{suffix}"), cs)(x)
     shift_plain = (plain - fp).mean(0).abs().mean()
     shift_corrected = (corrected - fp).mean(0).abs().mean()
     assert shift_corrected < 0.5 * shift_plain
     assert (corrected - fp).pow(2).mean() < (plain - fp).pow(2).mean()
 
 
+def test_bn_standardized_expectations_do_not_depend_on_the_images_scale_and_offset():
+    """Under BatchNorm statistics, images scaled and shifted per set (a*x + b, a > 0) give every
+    layer behind the first BN the same mean input: the BN undoes what the linear (unpadded) conv
+    passed on. The raw expectations differ. The model's own BN state is left exactly as it was."""
+    from dfq_plugins.quant.biascorrect import standardized_input_means
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = calibration_set().images
+    moved = CalibrationSet(3.0 * x + 1.0, batch_size=16)
+    names = {"3", "8"}
+    a = standardized_input_means(model, names, CalibrationSet(x, batch_size=16))
+    b = standardized_input_means(model, names, moved)
+    for n in names:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        raw = [model[:3](t).mean(0) for t in (x, moved.images)]
+    assert (raw[0] - raw[1]).abs().max() > 0.1
+    assert not model.training and all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_bn_standardized_correction_matches_the_graph_pass_without_batchnorm(name):
+    """A model without BatchNorm has nothing to standardize: both ways of taking the expectations
+    give the same corrected model (so the eager pass reads the same inputs as the graph pass)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    chain, cs = make_toolchain(name), calibration_set()
+    with torch.no_grad():
+        images = chain.quantize(model, QuantScheme.parse("w2a8-bc"), cs)(cs.images)
+        standardized = chain.quantize(model, QuantScheme.parse("w2a8-bcbn"), cs)(cs.images)
+    torch.testing.assert_close(standardized, images, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_standardized_correction_falls_back_with_a_warning_for_a_shared_module():
+    """A module called twice per forward has no single mean input: the images are used as they are."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.shared = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.shared(self.bn(self.stem(x)).relu()).relu()
+            return self.fc(self.shared(x).relu().mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    with pytest.warns(UserWarning, match="one to one"):
+        make_toolchain("torch-ao-fx").quantize(model, QuantScheme.parse("w2a8-bcbn"), calibration_set())
+
+
 def test_bias_correction_is_refused_where_it_cannot_run():
     model = make_trained_tiny()
     with pytest.raises(ValueError, match="corrects biases itself"):
         make_toolchain("nncf").check_scheme(QuantScheme.parse("w4a8-bc"))
+    with pytest.raises(ValueError, match="corrects biases itself"):
+        make_toolchain("nncf").check_scheme(QuantScheme.parse("w4a8-bcbn"))
     with pytest.raises(ValueError, match="post-training"):
         make_toolchain("torch-ao-fx").quantize(model, QuantScheme.parse("w4a8-bc"), calibration_set(), trainable=True)
     bad = CalibrationSet(torch.full((8, *TINY_SPEC.shape), float("nan")), batch_size=8)

@@ -7,10 +7,20 @@ channel at 3x3) and at 4 bits. Subtracting that shift from the bias, measured on
 images, removes it. The expectation is taken over the float model's inputs to each layer (one pass,
 observers bypassed), computed exactly as the layer computes (padding and stride included) with the
 weight error as the kernel.
+
+Synthetic images rarely give each layer the input mean that real images give, and the estimate of
+the shift inherits that error (EfficientNet-Lite0 W4A8: zeroq images 68.8 against 73.0 with real
+ones). With ``standardize_with=model`` the expectations are taken on the float model with every
+BatchNorm normalizing by the batch's own statistics, so each BN output has, per channel, the mean
+and variance the model saw in training whatever the images; only the shape of the distribution
+comes from the images (Lite0: zeroq 72.9, real 72.9). By linearity the shift is then the layer's
+op applied to its mean input map with the weight error as the kernel.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,23 +72,130 @@ class _MeanShift(fx.Interpreter):
         return out
 
 
-@torch.no_grad()
-def correct_biases(gm: fx.GraphModule, layers: list[WeightedLayer], calibration_set: CalibrationSet) -> int:
-    """Subtract each layer's mean output shift from its bias; returns how many biases changed."""
-    if not layers:
-        return 0
-    interp = _MeanShift(gm, layers)
+def _image_batches(calibration_set: CalibrationSet) -> Iterator[torch.Tensor]:
     for batch in calibration_set:
         x = batch[0] if isinstance(batch, tuple) else batch
         if isinstance(x, dict):
             raise TypeError("bias correction needs positional image batches")
+        yield x
+
+
+def _graph_shifts(gm: fx.GraphModule, layers: list[WeightedLayer],
+                  calibration_set: CalibrationSet) -> dict[fx.Node, torch.Tensor]:
+    interp = _MeanShift(gm, layers)
+    for x in _image_batches(calibration_set):
         interp.run(x)
+    return {node: interp.sums[node] / interp.counts[node] for node in interp.sums}
+
+
+def layer_module_name(node: fx.Node) -> str | None:
+    """The float model's module a graph layer came from (FX and torch.export keep ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    last = list(stack.values())[-1] if stack else None
+    return str(last[0]) if isinstance(last, tuple) and last else None
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode except its BatchNorms, which normalize by each batch's own statistics
+    and leave their running statistics untouched; restored on exit."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    training = model.training
+    model.eval()
+    for m in norms:
+        m.train()
+        m.track_running_stats = False  # with training=True: batch statistics, no running-stat update
+    try:
+        yield model
+    finally:
+        model.train(training)
+        for m, (was_training, tracked) in zip(norms, saved):
+            m.train(was_training)
+            m.track_running_stats = tracked
+
+
+def standardized_input_means(model: nn.Module, names: set[str],
+                             calibration_set: CalibrationSet) -> dict[str, torch.Tensor] | None:
+    """Mean input map (C, H, W) of each named module under :func:`batch_statistics`; None when a
+    module is called more than once per forward or with varying input shapes (no single map)."""
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+    count = images = 0
+    ambiguous = False
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple) -> None:
+            nonlocal ambiguous
+            x = args[0].detach().double().sum(0)
+            calls[name] = calls.get(name, 0) + 1
+            if name in sums and sums[name].shape != x.shape:
+                ambiguous = True
+                return
+            sums[name] = sums.get(name, 0) + x
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad(), batch_statistics(model):
+            for x in _image_batches(calibration_set):
+                if x.shape[0] < 2:
+                    raise ValueError("bias correction with BatchNorm statistics needs batches of at least 2 images")
+                model(x)
+                count += 1
+                images += x.shape[0]
+                if ambiguous or any(calls.get(n, 0) != count for n in names):
+                    return None
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (v / images).float() for n, v in sums.items()}
+
+
+def _standardized_shifts(model: nn.Module, layers: list[WeightedLayer],
+                         calibration_set: CalibrationSet) -> dict[fx.Node, torch.Tensor] | None:
+    names = {layer.node: layer_module_name(layer.node) for layer in layers}
+    known = dict(model.named_modules())
+    wanted = [n for n in names.values() if n is not None]
+    if len(wanted) != len(names) or len(set(wanted)) != len(wanted) or not all(n in known for n in wanted):
+        return None
+    means = standardized_input_means(model, set(wanted), calibration_set)
+    if means is None:
+        return None
+    shifts = {}
+    for layer in layers:
+        out = layer.apply(means[names[layer.node]][None], layer.quantize(layer.weight) - layer.weight)
+        shifts[layer.node] = out.mean(dim=[d for d in range(out.dim()) if d != 1])
+    return shifts
+
+
+@torch.no_grad()
+def correct_biases(gm: fx.GraphModule, layers: list[WeightedLayer], calibration_set: CalibrationSet,
+                   standardize_with: nn.Module | None = None) -> int:
+    """Subtract each layer's mean output shift from its bias; returns how many biases changed.
+
+    ``standardize_with``: the float model the graph was prepared from; the expectations are then
+    taken under its BatchNorm statistics (module docstring). Where the graph's layers cannot be
+    matched one to one with the model's modules, the images are used as they are, with a warning.
+    """
+    if not layers:
+        return 0
+    shifts = None
+    if standardize_with is not None:
+        shifts = _standardized_shifts(standardize_with, layers, calibration_set)
+        if shifts is None:
+            warnings.warn("bias correction: the graph's layers do not map one to one onto the model's modules "
+                          "(a module called twice, or names lost in tracing), so the expectations are taken on "
+                          "the calibration images as they are, without BatchNorm standardization", stacklevel=2)
+    if shifts is None:
+        shifts = _graph_shifts(gm, layers, calibration_set)
     changed = 0
     for layer in layers:
         bias = None if layer.bias_owner is None else getattr(layer.bias_owner, layer.bias_name, None)
-        if bias is None or layer.node not in interp.sums:
+        if bias is None or layer.node not in shifts:
             continue
-        shift = interp.sums[layer.node] / interp.counts[layer.node]
+        shift = shifts[layer.node]
         if not torch.isfinite(shift).all():
             raise ValueError(f"bias correction of {layer.node.name}: the calibration images give a non-finite "
                              "output shift; check the set for NaN or infinite pixels")
@@ -166,4 +283,5 @@ def conv_or_linear(kind: str, stride: Any = 1, padding: Any = 0, dilation: Any =
     return lambda x, w: F.conv2d(x, w, None, stride, padding, dilation, groups)
 
 
-__all__ = ["WeightedLayer", "correct_biases", "fx_layers", "pt2e_layers"]
+__all__ = ["WeightedLayer", "batch_statistics", "correct_biases", "fx_layers", "layer_module_name", "pt2e_layers",
+           "standardized_input_means"]
