@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import time
 import warnings
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import plugins
 from .data import CalibrationSet
-from .io import cache_root, short_hash, writable_folder
+from .io import cache_root, entry_lock, short_hash, writable_folder
 from .scheme import QuantScheme
 from .spec import InputSpec
 from .teacher import Teacher, borrowed_teacher
@@ -27,6 +28,11 @@ def resolve_model(model: nn.Module | str, input_spec: InputSpec | None) -> tuple
     if input_spec is None:
         raise ValueError("pass input_spec=InputSpec(shape=(C, H, W), mean=..., std=..., num_classes=...): the "
                          "input normalisation decides what synthetic images look like and cannot be guessed")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a model plugin name, got {type(model).__name__}")
+    if not isinstance(input_spec, InputSpec):
+        raise TypeError(f"input_spec must be an InputSpec, got {type(input_spec).__name__}")
+    input_spec.check_model(model)
     return model, input_spec
 
 
@@ -80,26 +86,36 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
     """
     model, spec = resolve_model(model, input_spec)
     synth = make_synthesizer(source, data)
-    if num_samples < 1:
-        raise ValueError("num_samples must be at least 1")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     with borrowed_teacher(model, spec) as teacher:
         path = calibration_cache_path(teacher, synth, num_samples, seed) if cache and synth.cacheable else None
-        if path is not None and path.exists():
-            cs = load_cached_set(path)
-            return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
-        if path is not None:
+        if path is None:
+            return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, None)
+        if not path.exists():
             writable_folder(path.parent)  # a clear error now, not after minutes of synthesis
-        workdir = path.with_suffix(".partial") if path is not None else None
-        started = time.perf_counter()
-        cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
-                              workdir=workdir)
+            with entry_lock(path, f"{synth.name} set"):  # an identical run elsewhere: wait, then reuse its set
+                if not path.exists():
+                    return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, path)
+        cs = load_cached_set(path)
+        return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
+
+
+def _synthesize_now(synth: Any, teacher: Teacher, num_samples: int, seed: int, batch_size: int, progress: bool,
+                    path: Path | None) -> CalibrationSet:
+    workdir = path.with_suffix(".partial") if path is not None else None
+    started = time.perf_counter()
+    cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
+                          workdir=workdir)
     cs.manifest["synth_seconds"] = round(time.perf_counter() - started, 3)
     if path is not None:
         try:
             cs.save(path)
         except OSError as exc:  # the cache went away or read-only during the run: keep the result
             warnings.warn(f"could not cache the synthesized set at {path} ({type(exc).__name__}: {exc}); "
-                          "it is returned all the same, save it with .save(path)", stacklevel=2)
+                          "it is returned all the same, save it with .save(path)", stacklevel=3)
             return cs
         shutil.rmtree(workdir, ignore_errors=True)
     return cs
@@ -173,6 +189,14 @@ def make_distillers(distill: str | dict[str, Any] | list[str | dict[str, Any]], 
     return [make_distiller(stage, steps if i == len(stages) - 1 else None) for i, stage in enumerate(stages)]
 
 
+def trained_scheme_name(scheme: QuantScheme) -> str:
+    """The scheme a trainable student runs, named as before bias correction existed (no correction
+    for a student that learns its biases), so distillation checkpoints keep their keys."""
+    if scheme.bias_correction == "auto":
+        scheme = dataclasses.replace(scheme, bias_correction="off")
+    return scheme.name
+
+
 def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: QuantScheme,
                     cs: CalibrationSet | None, seed: int, after: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Where a run's checkpoints live, and the key that identifies the run.
@@ -183,7 +207,7 @@ def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: Qu
     fields = {"teacher": teacher.fingerprint(), "distiller": distiller.name, "version": distiller.version,
               "config": distiller.config_dict(), "toolchain": toolchain.name,
               "toolchain_config": {k: v for k, v in vars(toolchain).items() if not k.startswith("_")},
-              "scheme": scheme.name, "data": None if cs is None else cs.content_hash(), "seed": seed}
+              "scheme": trained_scheme_name(scheme), "data": None if cs is None else cs.content_hash(), "seed": seed}
     if after:
         fields["after"] = list(after)
     key = short_hash(fields)
@@ -196,11 +220,14 @@ def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn
     """Fine-tune ``student`` with ``distiller``; cached runs resume from their last checkpoint."""
     with borrowed_teacher(model, spec) as teacher:
         workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed, after)
-        if cache:
-            writable_folder(workdir.parent)
         distiller.last_key = key
-        return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
-                                 workdir=workdir if cache else None, key=key)
+        if not cache:
+            return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
+                                     workdir=None, key=key)
+        writable_folder(workdir.parent)
+        with entry_lock(workdir, f"{distiller.name} run"):  # an identical run elsewhere: wait, then resume from it
+            return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
+                                     workdir=workdir, key=key)
 
 
 def run_distillers(distillers: list[Any], model: nn.Module, spec: InputSpec, student: nn.Module,

@@ -19,21 +19,69 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _settings(args: argparse.Namespace, keys: list[str]) -> dict[str, Any]:
-    """Recipe values, then flags given on the command line, then defaults."""
+COMMAND_KEYS: dict[str, list[str]] = {
+    "synthesize": ["model", "source", "images", "seed", "batch_size", "out"],
+    "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps"],
+    "bench": ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json", "md", "test_limit",
+              "distill", "steps", "rows", "row_seeds"],
+    "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
+                "targets", "escalate", "json", "test_limit", "copies", "selector_bits", "references"],
+    "speed": ["model", "source"],
+}
+TABLES = {"sources": "synthesizers", "toolchains": "toolchains", "distillers": "distillers"}
+_AT_LEAST = {"images": 1, "batch_size": 1, "seed": 0, "test_limit": 1, "copies": 1, "selector_bits": 1}
+
+
+def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Recipe values, then flags given on the command line, then defaults; every key, name and
+    option checked here, before any work (unknown keys, wrong types, impossible values)."""
+    from .config import ConfigError, check_keys, check_number, validate_options
+
     recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    recipe = {k.replace("-", "_"): v for k, v in recipe.items()}
+    keys = COMMAND_KEYS[command]
+    tables = [*TABLES, *(["selector"] if command == "dynamic" else [])]
+    elsewhere = {k: f"dfq {c}" for c, ks in COMMAND_KEYS.items() for k in ks if k not in keys}
+    check_keys(recipe, [*keys, *tables], f"recipe {args.recipe}", elsewhere)
+    for key in keys:
+        if isinstance(recipe.get(key), dict) and key != "row_seeds":  # row_seeds is a table of its own
+            raise ConfigError(f"recipe {args.recipe}: {key!r} is a value, not a table; options of a plugin go in "
+                              "[sources.NAME], [distillers.NAME] or [toolchains.NAME] (e.g. [sources.zeroq])")
     merged = {k: v for k, v in DEFAULTS.items() if k in keys}
-    merged.update({k.replace("-", "_"): v for k, v in recipe.items()})
+    merged.update({k: v for k, v in recipe.items() if k not in tables})
     merged.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    for key, minimum in _AT_LEAST.items():
+        if merged.get(key) is not None and key in keys:
+            merged[key] = check_number(key, merged[key], minimum=minimum)
+    if merged.get("steps") is not None and command != "dynamic":
+        merged["steps"] = check_number("steps", merged["steps"], minimum=0)
+    if "seeds" in keys and merged.get("seeds") is not None:
+        for v in split_list(merged["seeds"]):
+            check_number("seeds", v, minimum=0)
     model = merged.get("model")
     defaults = plugins.get("models", model).obj.source_defaults if isinstance(model, str) else {}
     merged["sources"] = {k: dict(v) for k, v in defaults.items()}
+    for table in TABLES:
+        section = recipe.get(table, {})
+        if not isinstance(section, dict) or not all(isinstance(v, dict) for v in section.values()):
+            raise ConfigError(f"recipe {args.recipe}: [{table}] holds one table per name, e.g. [{table}.NAME]")
     for k, v in recipe.get("sources", {}).items():
         merged["sources"].setdefault(k, {}).update(v)
     merged["toolchains"] = {k: dict(v) for k, v in recipe.get("toolchains", {}).items()}
     merged["distillers"] = {k: dict(v) for k, v in recipe.get("distillers", {}).items()}
     apply_overrides(merged["sources"], getattr(args, "set", None) or [])
     apply_overrides(merged["distillers"], getattr(args, "distill_set", None) or [])
+    for table, kind in TABLES.items():  # names exist, options exist and have the declared types
+        for name, options in merged[table].items():
+            if table == "sources" and name in defaults and name not in recipe.get("sources", {}) and \
+                    name not in {a.partition(".")[0].strip() for a in getattr(args, "set", None) or []}:
+                continue  # the model's own defaults for sources this run may not use
+            merged[table][name] = validate_options(plugins.get(kind, name).obj, options, f"{kind[:-1]} {name!r}")
+    for name in split_list(merged.get("source")):
+        plugins.get("synthesizers", name)
+    for name in split_list(merged.get("toolchain")) if command != "dynamic" else [merged.get("toolchain")]:
+        if name:
+            plugins.get("toolchains", name)
     return merged
 
 
@@ -61,7 +109,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from .api import synthesize
 
-    s = _settings(args, ["model", "source", "images", "seed", "batch_size", "out"])
+    s = _settings(args, "synthesize")
     pool = _real_pool(s["model"]) if s["source"] == "real" else None
     t = time.perf_counter()
     cs = synthesize(s["model"], _source_arg(s["source"], s), num_samples=int(s["images"]), seed=int(s["seed"]),
@@ -84,14 +132,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import evaluate, make_toolchain, synthesize
     from .scheme import QuantScheme
 
-    s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill",
-                         "steps"])
+    s = _settings(args, "quantize")
     entry = plugins.get("models", s["model"]).obj
     scheme = QuantScheme.parse(s["scheme"])
     chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
     chain.check_scheme(scheme)
     ran = chain.resolve_scheme(scheme, trainable=bool(s.get("distill")))  # what really runs ('auto' chosen)
     chain.check_bias_correction(ran, trainable=bool(s.get("distill")))
+    distillers = None
+    if s.get("distill"):  # built (and so checked) before minutes of synthesis
+        from .api import make_distillers
+
+        distillers = make_distillers(s["distill"], int(s["steps"]) if s.get("steps") else None, s["distillers"])
     model, spec = entry.load()
     print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
     pool = _real_pool(s["model"]) if s["source"] == "real" else None
@@ -101,10 +153,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"calibration data: {cs.num_samples} images from '{s['source']}' (seed {s['seed']}) in "
           f"{time.perf_counter() - t:.1f}s (synthesis took {cs.manifest.get('synth_seconds', 0):.1f}s)")
     t = time.perf_counter()
-    if s.get("distill"):
-        from .api import make_distillers, run_distillers
+    if distillers is not None:
+        from .api import run_distillers
 
-        distillers = make_distillers(s["distill"], int(s["steps"]) if s.get("steps") else None, s["distillers"])
         student = chain.quantize(model, scheme, cs, trainable=True)
         plan = " then ".join(f"'{d.name}' for {d.steps} steps" + (" per block" if d.name == "reconstruct" else "")
                              for d in distillers)
@@ -140,8 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.harness import parse_pairs
     from .bench.report import bench_report
 
-    s = _settings(args, ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json",
-                         "md", "test_limit", "distill", "steps", "rows", "row_seeds"])
+    s = _settings(args, "bench")
     rows = split_list(s.get("rows"))
     plan = BenchPlan(
         model=s["model"], toolchains=split_list(s["toolchain"]), schemes=split_list(s["scheme"]),
@@ -178,8 +228,7 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
     from .dynamic import SelectorConfig
     from .dynamic.build import parse_bits, parse_steps
 
-    s = _settings(args, ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps",
-                         "features", "targets", "escalate", "json", "test_limit", "copies", "selector_bits", "references"])
+    s = _settings(args, "dynamic")
     recipe = load_recipe(args.recipe) if args.recipe else {}
     bits = parse_bits(s.get("bits") or "4,6,8")
     selector = dict(recipe.get("selector", {}))
@@ -210,7 +259,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     from .io import atomic_write_text
     from .teacher import Teacher
 
-    s = _settings(args, ["model", "source"])
+    s = _settings(args, "speed")
     model, spec = plugins.get("models", s["model"]).obj.load()
     rows = []
     for name in split_list(s["source"]):

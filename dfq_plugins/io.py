@@ -1,12 +1,14 @@
 """Safe persistence helpers: atomic writes, content hashes, canonical JSON."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,24 @@ def remove_orphaned_temporaries(folder: Path, older_than: float | None = None) -
         except OSError:
             continue  # another process took it, or we may not delete it: not ours to insist
     return removed
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an OS lock on one cache entry (``<path>.lock``) so that two identical runs share the
+    work: the second waits, then finds the first one's result. Released if the process dies."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"dfq: waiting for another process that is computing the same {what} ({path.name})", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cache_root() -> Path:

@@ -293,9 +293,12 @@ def describe() -> list[dict[str, Any]]:
 
 def instantiate(kind: str, name: str, config: dict[str, Any] | None = None) -> Any:
     """Build the registered class/factory ``name`` with keyword ``config``."""
+    from .config import validate_options
+
     entry = get(kind, name)
     factory: Callable[..., Any] = entry.obj
+    options = validate_options(factory, dict(config or {}), f"{kind[:-1]} {name!r}")
     try:
-        return factory(**(config or {}))
+        return factory(**options)
     except TypeError as exc:
         raise UnknownNameError(f"bad configuration for {kind[:-1]} {name!r}: {exc}") from exc

@@ -31,6 +31,13 @@ class InputSpec:
             )
         if any(s <= 0 for s in self.std):
             raise ValueError("InputSpec.std must be positive")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"InputSpec.num_classes={self.num_classes!r}: a classifier has at least 2 classes")
+        if len(self.pixel_range) != 2 or not self.pixel_range[0] < self.pixel_range[1]:
+            raise ValueError(f"InputSpec.pixel_range={self.pixel_range!r} must be (low, high) with low < high, "
+                             "e.g. (0, 1) or (0, 255)")
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"InputSpec.shape={self.shape}: every dimension must be at least 1")
 
     @property
     def channels(self) -> int:
@@ -59,6 +66,35 @@ class InputSpec:
 
     def example(self, batch: int = 2) -> torch.Tensor:
         return torch.zeros(batch, *self.shape)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """One dry forward of two example images: the model must take this shape and give
+        ``num_classes`` logits, in float32 on a real device. A clear error otherwise, before any work."""
+        tensors = [*model.parameters(), *model.buffers()]
+        if any(t.device.type == "meta" for t in tensors):
+            raise ValueError("the model's weights are on the meta device (not loaded); load them "
+                             "(e.g. model.to_empty(device='cpu') then load_state_dict) before quantizing")
+        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        if dtypes - {torch.float32}:
+            raise ValueError(f"the model holds {sorted(str(d) for d in dtypes)} weights; the toolchains calibrate "
+                             "float32 models: call model.float() first")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(self.example(2))
+        except RuntimeError as exc:
+            raise ValueError(f"the model does not take inputs of InputSpec.shape {self.shape} "
+                             f"({str(exc).splitlines()[0]}); check the spec's channels and size") from exc
+        finally:
+            model.train(was_training)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError(f"the model should return (batch, classes) logits, got "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}")
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"the model gives {logits.shape[1]} logits but InputSpec.num_classes is "
+                             f"{self.num_classes}; set num_classes={logits.shape[1]}")
 
     def to_dict(self) -> dict:
         return asdict(self)

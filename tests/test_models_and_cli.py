@@ -95,7 +95,7 @@ def test_model_recipes_fill_in_source_defaults():
     from dfq_plugins.cli import _settings, build_parser
 
     args = build_parser().parse_args(["bench", "--model", "efficientnet-lite0", "--set", "zeroq.lr=0.1"])
-    s = _settings(args, ["model"])
+    s = _settings(args, "bench")
     assert s["sources"]["zeroq"] == {"iterations": 100, "synthesis_batch_size": 32, "lr": 0.1}
 
 

@@ -23,7 +23,7 @@ from .base import Synthesizer
 class DiffDFQSynthesizer(Synthesizer):
     name = "diffdfq"
     has_optimization_loop = True
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "intraq"})
+    base: str | dict[str, Any] = field(default_factory=lambda: {"name": "intraq"})
     num_levels: int = 20
     beta_start: float = 1e-4
     beta_end: float = 0.02

@@ -1,0 +1,81 @@
+"""Fault matrix, configuration: every recipe key, section and --set value is checked against the
+declared options before any work, strings are coerced by declared type, errors name the key."""
+from __future__ import annotations
+
+import pytest
+
+from dfq_plugins import plugins
+from dfq_plugins.cli import _settings, build_parser, main
+from dfq_plugins.config import ConfigError
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any synthesis or model load means validation came too late."""
+    import dfq_plugins.api
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("work started before the configuration was checked")
+    monkeypatch.setattr(dfq_plugins.api, "synthesize", forbidden)
+
+
+def settings(argv: list[str], recipe: str | None = None, tmp_path=None) -> dict:
+    if recipe is not None:
+        path = tmp_path / "recipe.toml"
+        path.write_text(recipe)
+        argv = [*argv, "--recipe", str(path)]
+    args = build_parser().parse_args(argv)
+    return _settings(args, argv[0])
+
+
+@pytest.mark.parametrize("text", ["False", "false", "no", "0", "off"])
+def test_false_in_any_spelling_turns_an_option_off(text):
+    s = settings(["quantize", "--set", f"zeroq.clip={text}"])
+    assert s["sources"]["zeroq"]["clip"] is False
+    assert plugins.instantiate("synthesizers", "zeroq", s["sources"]["zeroq"]).clip is False
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("imagess = 8\n", "unknown key 'imagess'; did you mean 'images'?"),
+    ("[distiller.kd]\nsteps = 2\n", "unknown key 'distiller'; did you mean 'distillers'?"),
+    ("[source.zeroq]\niterations = 5\n", "'source' is a value, not a table"),
+    ("[toolchain.nncf]\npreset = 'mixed'\n", "'toolchain' is a value, not a table"),
+    ("seeds = '0,1'\n", "'seeds' is not read here (it is a setting of dfq bench)"),
+    ("[sources.zeroq]\niterations = 2.7\n", "option 'iterations' = 2.7: Input should be a valid integer"),
+    ("[sources.zeroq]\niteratons = 5\n", "unknown option 'iteratons'; did you mean 'iterations'?"),
+    ("[sources.zeroqq]\niterations = 5\n", "Did you mean 'zeroq'?"),
+    ("[distillers.kd]\nlrr = 0.1\n", "unknown option 'lrr'; did you mean 'lr'?"),
+    ("[distillers]\nkd = 3\n", "[distillers] holds one table per name"),
+    ("images = 0\n", "images = 0: must be at least 1"),
+    ("images = 'many'\n", "images = 'many': Input should be a valid integer"),
+])
+def test_a_bad_recipe_is_refused_naming_the_key(tmp_path, recipe, message):
+    with pytest.raises(Exception, match=_escaped(message)):
+        settings(["quantize"], recipe, tmp_path)
+
+
+def _escaped(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_strings_are_coerced_by_declared_type(tmp_path):
+    s = settings(["quantize"], "[sources.zeroq]\nlr = \"0.1\"\niterations = \"20\"\n", tmp_path)
+    assert s["sources"]["zeroq"]["lr"] == 0.1 and s["sources"]["zeroq"]["iterations"] == 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--batch-size", "0"], "batch_size = 0: must be at least 1"),
+    (["quantize", "--steps", "-3", "--distill", "kd"], "steps = -3: must be at least 0"),
+    (["quantize", "--distill", "kdd"], "no distiller named 'kdd'"),
+    (["quantize", "--distill", "kd", "--distill-set", "kd.lrr=0.1"], "unknown option 'lrr'"),
+    (["quantize", "--distill", "kd", "--distill-set", "kd.lr=abc"], "option 'lr' = 'abc'"),
+    (["quantize", "--source", "zeroqq"], "Did you mean 'zeroq'"),
+    (["quantize", "--toolchain", "torch-ao"], "no toolchain named 'torch-ao'"),
+    (["bench", "--seeds", "0,-1"], "seeds = '-1': must be at least 0"),
+    (["synthesize", "--set", "zeroq.iterations=2.7"], "option 'iterations' = 2.7"),
+])
+def test_the_cli_refuses_bad_values_before_any_work(no_work, capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
