@@ -40,6 +40,19 @@ def _set_scale(quantizer: nn.Module, scale: torch.Tensor) -> None:
     storage.data.copy_(scale.log() if getattr(quantizer, "_is_using_log_scale_storage", False) else scale)
 
 
+def layers_without_weight_quantizer(model: nn.Module) -> list[str]:
+    """Conv/linear modules NNCF left without a weight quantizer: NNCF quantizes only the operations
+    its trace of the calibration data reached, so a branch the data never took stays float (and the
+    activation ranges after it were fitted to the other path)."""
+    hooks = _hooks(model)
+    if hooks is None:
+        return []
+    covered = {id(_layer_of(model, key)) for key in hooks.pre_hooks if key.endswith("__1")}
+    weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [name for name, m in model.named_modules() if isinstance(m, weighted) and id(m) not in covered
+            and HOOKS not in name]
+
+
 @torch.no_grad()
 def search_weight_scales(model: nn.Module, p: float = LP_NORM) -> int:
     """Shrink every per-channel weight quantizer's scale to the Lp-best one; returns how many."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,11 @@ from dfq_plugins.errors import UnsupportedSchemeError
 from dfq_plugins.scheme import QuantScheme
 from dfq_plugins.toolchain import Toolchain, private_copy
 
-from .ranges import remove_input_quantizers, search_weight_scales
+from .ranges import (
+    layers_without_weight_quantizer,
+    remove_input_quantizers,
+    search_weight_scales,
+)
 
 
 def configure_extension_build() -> None:
@@ -171,6 +176,14 @@ class NNCFToolchain(Toolchain):
                 "Some operations (pooling, element-wise) only have 8-bit activations in NNCF's hardware "
                 "configs; exclude them with ignored_scope, or use toolchain torch-ao-fx / torchao-pt2e"
             ) from exc
+        missing = [n.removeprefix("inner.") for n in layers_without_weight_quantizer(quantized)]
+        if missing and "ignored_scope" not in prepared.kwargs:
+            warnings.warn(
+                f"nncf.quantize left {len(missing)} conv/linear layer(s) without weight quantization: "
+                f"{', '.join(missing)}. NNCF quantizes what its trace of the calibration data reached; a "
+                "data-dependent branch the data never took stays in float, and activation ranges after it "
+                "were fitted to the other path. Make the branch static, or list those layers in the NNCF "
+                "toolchain's ignored_scope to keep them in float on purpose", stacklevel=2)
         if prepared.scheme.weight_observer == "mse":
             search_weight_scales(quantized)
         if prepared.scheme.protocol == "A":

@@ -28,6 +28,18 @@ from .observers import activation_observer, weight_observer
 TRACEABLE_ELSEWHERE = "torchao-pt2e (torch.export) and nncf"
 
 
+def untraceable_advice(model_name: str, exc: Exception) -> str:
+    """What to do when FX cannot trace: a data-dependent branch defeats every toolchain here
+    (torch.export refuses it, NNCF quantizes only the path its data took), other trace errors not."""
+    if "control flow" in str(exc):
+        return (f"torch.ao FX cannot trace {model_name}: its forward branches on tensor values ({exc}). No "
+                "toolchain here quantizes such a model correctly: torchao-pt2e's torch.export refuses it, and nncf "
+                "quantizes only the branch its calibration data took (it warns, listing the layers left in float). "
+                "Make the branch static (decide it outside forward, or use torch.cond) and quantize again")
+    return (f"torch.ao FX cannot symbolically trace {model_name} ({exc}). Use toolchain {TRACEABLE_ELSEWHERE}, "
+            "which capture graphs differently")
+
+
 def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
     """MinMax or MSE-searched weights, MinMax or histogram activations, narrowed ranges below 8 bits."""
     from torch.ao.quantization import QConfig
@@ -95,10 +107,7 @@ class FxToolchain(Toolchain):
                 prepare = prepare_qat_fx if trainable else prepare_fx
                 prepared = prepare(m, mapping, example_inputs)
             except torch.fx.proxy.TraceError as exc:
-                raise UntraceableModelError(
-                    f"torch.ao FX cannot symbolically trace {type(model).__name__} ({exc}). "
-                    f"Use toolchain {TRACEABLE_ELSEWHERE}, which capture graphs differently."
-                ) from exc
+                raise UntraceableModelError(untraceable_advice(type(model).__name__, exc)) from exc
         prepared._dfq_protocol = apply_protocol(prepared, scheme.protocol, scheme.act_range(8))
         bits = [scheme.weight_bits, scheme.act_bits]
         for override in (scheme.first_layer, scheme.last_layer):
