@@ -29,13 +29,16 @@ def test_scheme_names_say_what_ran_and_minmax_stays_reachable():
     assert QuantScheme.parse("w4a8-bc").name == "w4a8-bc"  # expectations on the images as they are
     assert QuantScheme.parse("w4a8-nobc").name == "w4a8-wmse"  # without correction, the clipping search
     assert make_toolchain("torchao-pt2e").resolve_scheme(QuantScheme.parse("w4a8"), trainable=True).name == "w4a8-wmse"
-    assert QuantScheme.parse("w4a4").name == "w4a4-wmse-ahist"
+    assert QuantScheme.parse("w4a4").name == "w4a4-ahist-bcbn"  # post-training: corrected MinMax weights
+    assert QuantScheme.parse("w4a4-nobc").name == "w4a4-wmse-ahist"  # the previous default
+    assert make_toolchain("torch-ao-fx").resolve_scheme(QuantScheme.parse("w4a4"), trainable=True).name == \
+        "w4a4-wmse-ahist"  # a trainable student learns its biases: the clipping search, no correction
     assert QuantScheme.parse("w8a8").name == "w8a8"
-    assert QuantScheme.parse("w4a4-wminmax-aminmax").name == "w4a4"  # the figures recorded before
+    assert QuantScheme.parse("w4a4-wminmax-aminmax-nobc").name == "w4a4"  # the figures recorded before
     assert QuantScheme.parse("W4A4-protoA").resolved().protocol == "A"
     b = QuantScheme.parse("w4a4-protoB").resolved()
     assert (b.first_layer.weight_bits, b.last_layer.weight_bits, b.last_layer.act_bits) == (8, 8, 8)
-    assert QuantScheme.parse(QuantScheme.parse("w4a4-protoB").name).name == "w4a4-wmse-ahist-protoB"
+    assert QuantScheme.parse(QuantScheme.parse("w4a4-protoB").name).name == "w4a4-ahist-protoB-bcbn"
     with pytest.raises(ValueError, match="suffixes"):
         QuantScheme.parse("w4a4-protoC")
     with pytest.raises(ValueError, match="protocol"):
@@ -70,7 +73,7 @@ def test_range_search_lowers_the_error_of_minmax_on_outliers():
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
 def test_searched_weights_and_histograms_convert_to_what_the_prepared_model_computes(name):
     tc = make_toolchain(name)
-    scheme = QuantScheme.parse("w4a4")  # auto: MSE weights, 16-bin histogram activations
+    scheme = QuantScheme.parse("w4a4-nobc")  # MSE weights (no correction), 16-bin histogram activations
     prepared = tc.calibrate(tc.prepare(make_tiny(), scheme, (calib()[0],)), calib())
     kinds = {type(m).__name__ for m in prepared.modules()}
     assert "BitwidthHistogramObserver" in kinds

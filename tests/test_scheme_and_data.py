@@ -18,7 +18,7 @@ def test_scheme_names_and_ranges():
     assert s.weight_range() == (-8, 7) and s.act_range() == (0, 255) and s.act_range(4) == (0, 15)
     assert QuantScheme.parse("w4a4-symact").act_range() == (-8, 7)
     d = QuantScheme.parse({"name": "w4a4", "first_layer": {"weight_bits": 8, "act_bits": 8}})
-    assert d.first_layer == LayerBits(8, 8) and d.name == "w4a4-wmse-ahist-first88"
+    assert d.first_layer == LayerBits(8, 8) and d.name == "w4a4-ahist-bcbn-first88"
     assert QuantScheme.from_dict(d.to_dict()) == d
 
 

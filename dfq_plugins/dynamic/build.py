@@ -81,6 +81,6 @@ def build_variants(model: nn.Module, spec: InputSpec, toolchain: Any, cs: Calibr
             info["distill_config"] = distiller.config_dict()
         toolchain.freeze_ranges(student)  # routed or evaluated, a variant must not refit its ranges
         deployed = toolchain.convert(copy.deepcopy(student))
-        out.append(Variant(scheme.name, scheme, student, deployed, bit_flops(model, spec.shape, scheme),
+        out.append(Variant(toolchain.resolve_scheme(scheme, trainable=True).name, scheme, student, deployed, bit_flops(model, spec.shape, scheme),
                            variant_steps, seconds, info))
     return out
