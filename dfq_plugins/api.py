@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import time
 import warnings
@@ -55,10 +56,33 @@ def make_synthesizer(source: str | dict[str, Any], data: Any = None) -> Any:
     return plugins.instantiate("synthesizers", name, config)
 
 
-def calibration_cache_path(teacher: Teacher, synth: Any, num_samples: int, seed: int) -> Path:
-    key = short_hash({"teacher": teacher.fingerprint(), "method": synth.name, "version": synth.version,
-                      "config": synth.config_dict(), "seed": seed, "num_samples": num_samples, "format": 1})
-    return cache_root() / "calibration" / f"{synth.name}-{key}.safetensors"
+def calibration_cache_path(teacher: Teacher, synth: Any, num_samples: int, seed: int, *,
+                           with_spec: bool = True) -> Path:
+    """Where a set lives: keyed by everything that changes what is synthesized, the InputSpec
+    (normalisation, pixel range, shape, classes) included. ``with_spec=False`` is the key sets had
+    before the spec was part of it; such a set is reused only if its manifest's spec matches."""
+    fields = {"teacher": teacher.fingerprint(), "method": synth.name, "version": synth.version,
+              "config": synth.config_dict(), "seed": seed, "num_samples": num_samples, "format": 1}
+    if with_spec:
+        fields["input_spec"] = teacher.spec.to_dict()
+    return cache_root() / "calibration" / f"{synth.name}-{short_hash(fields)}.safetensors"
+
+
+def _adopt_legacy_set(teacher: Teacher, synth: Any, num_samples: int, seed: int, path: Path) -> None:
+    """A set cached under the key without the spec moves to the new key when its manifest says it
+    was made with this very spec (else it stays, and this spec gets its own set)."""
+    legacy = calibration_cache_path(teacher, synth, num_samples, seed, with_spec=False)
+    if path.exists() or not legacy.exists():
+        return
+    try:
+        made_with = CalibrationSet.load(legacy).manifest.get("input_spec")
+    except Exception:  # noqa: BLE001 - an unreadable legacy file is simply not reused
+        return
+    if made_with is not None and InputSpec.from_dict(made_with) == teacher.spec:
+        with contextlib.suppress(OSError):  # a read-only cache: synthesize under the new key instead
+            os.replace(legacy, path)
+        with contextlib.suppress(OSError):
+            os.replace(legacy.with_suffix(".json"), path.with_suffix(".json"))
 
 
 def load_cached_set(path: Path) -> CalibrationSet:
@@ -81,8 +105,8 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
                data: Any = None, cache: bool = True, progress: bool = True) -> CalibrationSet:
     """Synthesize (or load from the cache) a calibration set for ``model``.
 
-    The cache key is (teacher fingerprint, method, config, seed, size). An interrupted run keeps
-    its finished batches and resumes from them.
+    The cache key is (teacher fingerprint, method, config, seed, size, InputSpec). An interrupted
+    run keeps its finished batches and resumes from them.
     """
     model, spec = resolve_model(model, input_spec)
     synth = make_synthesizer(source, data)
@@ -94,6 +118,7 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
         path = calibration_cache_path(teacher, synth, num_samples, seed) if cache and synth.cacheable else None
         if path is None:
             return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, None)
+        _adopt_legacy_set(teacher, synth, num_samples, seed, path)
         if not path.exists():
             writable_folder(path.parent)  # a clear error now, not after minutes of synthesis
             with entry_lock(path, f"{synth.name} set"):  # an identical run elsewhere: wait, then reuse its set
