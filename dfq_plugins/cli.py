@@ -172,7 +172,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         test = entry.test_set() if entry.test_set else None
     except AssetsMissingError as exc:
         print(f"no accuracy check: {exc}")
-        return 0
+        test = None
     if test is not None:
         fp, acc = evaluate(model, test.images, test.labels), evaluate(q, test.images, test.labels)
         print(f"top-1 on {test.name} ({len(test)} real images): full precision {fp:.2f}%, "

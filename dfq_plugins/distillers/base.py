@@ -52,6 +52,11 @@ class Distiller:
             raise ValueError("steps must be at least 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"{self.name}: {self.steps} steps with a {self.warmup_steps}-step warm-up would never update the "
+                f"student (it trains only after the warm-up); give more steps, or a shorter warm-up, e.g. "
+                f"--distill-set {self.name}.warmup_steps={max(self.steps // 5, 0)}")
         if self.bn_mode not in ("running", "batch"):
             raise ValueError(f"bn_mode={self.bn_mode!r}; choose 'running' (BN statistics frozen, as the GDFQ "
                              "family fine-tunes) or 'batch' (BN re-estimated on the synthetic batches)")

@@ -79,3 +79,38 @@ def test_strings_are_coerced_by_declared_type(tmp_path):
 def test_the_cli_refuses_bad_values_before_any_work(no_work, capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_budget_inside_the_warm_up_is_refused_before_any_work(no_work, capsys):
+    """adadfq with 30 steps against its 100-step warm-up would make zero student updates."""
+    assert main(["quantize", "--distill", "adadfq", "--steps", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "30 steps with a 100-step warm-up would never update the student" in err
+    assert "--distill-set adadfq.warmup_steps=6" in err
+
+
+def test_save_still_happens_when_the_test_images_are_missing(tmp_path, capsys):
+    """The accuracy check is skipped (and says why); the quantized model is saved all the same."""
+    from dfq_plugins import hookimpl
+    from dfq_plugins.errors import AssetsMissingError
+    from dfq_plugins.models.base import ModelDef
+
+    from ..conftest import TINY_SPEC, make_tiny
+
+    def missing():
+        raise AssetsMissingError("no test images here")
+
+    class NoTestSet:
+        @hookimpl
+        def dfq_register_models(self, register):
+            register("tiny-no-test", ModelDef("tiny-no-test", lambda: (make_tiny(), TINY_SPEC), test_set=missing))
+
+    plugins.register_plugin(NoTestSet(), name="no-test-set")
+    try:
+        out = tmp_path / "q.pt"
+        assert main(["quantize", "--model", "tiny-no-test", "--source", "noise", "--images", "8",
+                     "--save", str(out), "--quiet"]) == 0
+    finally:
+        plugins.unregister_plugin("no-test-set")
+    assert "no accuracy check: no test images here" in capsys.readouterr().out
+    assert out.exists() and out.stat().st_size > 0
