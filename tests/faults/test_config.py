@@ -6,7 +6,6 @@ import pytest
 
 from dfq_plugins import plugins
 from dfq_plugins.cli import _settings, build_parser, main
-from dfq_plugins.config import ConfigError
 
 
 @pytest.fixture
