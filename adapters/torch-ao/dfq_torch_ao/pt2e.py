@@ -184,12 +184,16 @@ class PT2EToolchain(Toolchain):
         return make_ranges_learnable(student, "pt2e")
 
     def convert(self, prepared: Any) -> nn.Module:
-        """The deployable model; the student stays usable (torchao's convert would consume it)."""
-        from torchao.quantization.pt2e import move_exported_model_to_eval
+        """The deployable model; the student stays usable (torchao's convert would consume it).
+
+        ``.eval()``/``.train()`` work on it (torchao's ``allow_exported_model_train_eval``), so
+        ordinary evaluation loops and ONNX export do not stop on an exported graph's NotImplementedError."""
+        from torchao.quantization.pt2e import allow_exported_model_train_eval, move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = convert_pt2e(copy.deepcopy(prepared))  # convert_pt2e rewrites its argument in place
         move_exported_model_to_eval(converted)
+        allow_exported_model_train_eval(converted)
         return converted
