@@ -60,10 +60,10 @@ class LogProgress:
             self._closed = True
             self._emit("done " if self.total is None or self.n >= self.total else "stopped at ")
 
-    def __enter__(self) -> LogProgress:
+    def __enter__(self) -> LogProgress:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
