@@ -163,3 +163,20 @@ def test_config_holds_only_data_knobs():
     assert NoiseSynthesizer().config_dict() == {"mean": 0.0, "std": 1.0, "clip": False}
     cfg = ZeroQSynthesizer().config_dict()
     assert "channels_last" not in cfg and "speed_only_fields" not in cfg and cfg["iterations"] == 200
+
+
+def test_real_source_reads_a_dataloader(tiny):
+    """Your own data as it usually comes: a DataLoader of (images, labels)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, spec = tiny
+    images, labels = torch.randn(40, *spec.shape), torch.arange(40) % 4
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=False)
+    cs = dfq_plugins.synthesize(model, "real", input_spec=spec, num_samples=24, data=loader, progress=False)
+    assert cs.num_samples == 24
+    rows = [int((images == row).all(dim=(1, 2, 3)).nonzero()) for row in cs.images]
+    assert all(r < 32 for r in rows)  # read only the two batches it needed
+    assert torch.equal(cs.labels, labels[rows])
+    q = dfq_plugins.quantize(model, toolchain="torch-ao-fx", source="real", data=loader, input_spec=spec,
+                             num_samples=16, progress=False)
+    assert q(images[:2]).shape == (2, 4)

@@ -30,12 +30,44 @@ class NoiseSynthesizer(Synthesizer):
         return self.finish(teacher, x, seed, batch_size)
 
 
+def real_images(data: Any, wanted: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels or None) from any of the forms ``RealSynthesizer`` accepts. From an iterable
+    of batches, reads until it has ``wanted`` images (or the iterable ends)."""
+    if isinstance(data, torch.Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return data.images, data.labels
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"source 'real' cannot read images from a {type(data).__name__}; pass a tensor, "
+                        "(images, labels), or a DataLoader of images or (images, labels)")
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    for batch in data:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if isinstance(x, dict) or not isinstance(x, torch.Tensor):
+            raise TypeError(f"source 'real': a batch of the iterable is a {type(x).__name__}; it should be an image "
+                            "tensor (N, C, H, W) or (images, labels)")
+        xs.append(x.detach().cpu())
+        if isinstance(y, torch.Tensor):
+            ys.append(y.detach().cpu())
+        if sum(t.shape[0] for t in xs) >= wanted:
+            break
+    if not xs:
+        raise ValueError("source 'real': the data iterable yielded no batches")
+    images = torch.cat(xs)
+    labels = torch.cat(ys) if len(ys) == len(xs) else None
+    return images, labels
+
+
 @dataclass
 class RealSynthesizer(Synthesizer):
     """The user's own images (already normalised), sampled by seed: the upper-bound baseline.
 
-    ``data`` is a tensor (N, C, H, W), a pair (images, labels), or any object with ``images``
-    and ``labels`` attributes (e.g. a model plugin's calibration pool).
+    ``data`` is a tensor (N, C, H, W), a pair (images, labels), any object with ``images``
+    and ``labels`` attributes (e.g. a model plugin's calibration pool), or an iterable of batches
+    such as a ``torch.utils.data.DataLoader`` yielding images or (images, labels).
     """
 
     name = "real"
@@ -50,12 +82,7 @@ class RealSynthesizer(Synthesizer):
         if self.data is None:
             raise ValueError("source 'real' needs data=: a tensor of normalised images, (images, labels), "
                              "or a model plugin's calibration pool")
-        if isinstance(self.data, torch.Tensor):
-            images, labels = self.data, None
-        elif isinstance(self.data, (tuple, list)):
-            images, labels = self.data
-        else:
-            images, labels = self.data.images, self.data.labels
+        images, labels = real_images(self.data, num_samples)
         if images.shape[0] < num_samples:
             raise ValueError(f"source 'real' has {images.shape[0]} images, fewer than the {num_samples} asked for")
         if tuple(images.shape[1:]) != tuple(teacher.spec.shape):
