@@ -16,6 +16,7 @@ from torch import nn
 from . import plugins
 from .data import CalibrationSet
 from .io import cache_root, entry_lock, short_hash, writable_folder
+from .progress import log
 from .scheme import QuantScheme
 from .spec import InputSpec
 from .teacher import Teacher, borrowed_teacher
@@ -125,6 +126,8 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
                 if not path.exists():
                     return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, path)
         cs = load_cached_set(path)
+        log.info("reusing the cached %s set %s (%d images, hash %s)", synth.name, path.name, cs.num_samples,
+                 cs.content_hash()[:16])
         return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
 
 

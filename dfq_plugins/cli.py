@@ -216,6 +216,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import cachedir
+    from .io import cache_root
+
+    if args.action == "path":
+        print(cache_root())
+    elif args.action == "list":
+        found = cachedir.entries()
+        for e in found:
+            print(e.row())
+        total = sum(e.size_bytes for e in found)
+        print(f"{len(found)} entries, {total / 1e6:.1f} MB in {cache_root()}")
+    elif args.action == "show":
+        if not args.name:
+            raise DFQError("dfq cache show NAME: give an entry's name (or a unique prefix) from `dfq cache list`")
+        print(json.dumps(cachedir.show(cachedir.find(args.name)), indent=2, default=str))
+    elif args.action == "clear":
+        what = args.name or "all"
+        if not args.yes:
+            raise DFQError(f"dfq cache clear {what} deletes cached sets/checkpoints under {cache_root()}; "
+                           "add --yes to confirm")
+        count, freed = cachedir.clear(what)
+        print(f"removed {count} entries, {freed / 1e6:.1f} MB")
+    return 0
+
+
 def default_dynamic_steps(bits: list[int]) -> dict[int, int]:
     """Fine-tuning budget per bit-width when none is given: 500 steps at 4 bits or fewer, 200
     at 5 to 7, none at 8 (calibration recovers 8 bits)."""
@@ -367,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--test-limit", dest="test_limit", type=int, help="evaluate on the first N test images only")
     sp.set_defaults(func=cmd_dynamic)
 
+    sp = sub.add_parser("cache", help="what the cache holds: path, list, show NAME, clear [calibration|distill|all]")
+    sp.add_argument("action", choices=["path", "list", "show", "clear"])
+    sp.add_argument("name", nargs="?", help="show: an entry name or unique prefix; clear: calibration, distill or all")
+    sp.add_argument("--yes", action="store_true", help="clear: confirm the deletion")
+    sp.set_defaults(func=cmd_cache)
+
     sp = sub.add_parser("speed", help="synthesis speed against a bare forward+backward of the teacher")
     sp.add_argument("--recipe")
     sp.add_argument("--model", help=f"model plugin name (default {DEFAULTS['model']})")
@@ -384,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    from .progress import configure_cli_logging
+
+    configure_cli_logging(bool(getattr(args, "quiet", False)))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -17,6 +17,12 @@ log = logging.getLogger("dfq_plugins")
 LOG_EVERY_S = 30.0
 
 
+def configure_cli_logging(quiet: bool) -> None:
+    """The CLI shows the package's INFO lines (cache reuse, resumes, non-TTY progress); --quiet only warnings."""
+    _ensure_handler()
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def _ensure_handler() -> None:
     """A plain stderr handler when the application configured no logging at all."""
     if not log.handlers and not logging.getLogger().handlers:

@@ -55,3 +55,30 @@ def test_a_legacy_set_made_with_another_spec_is_not_served(legacy_set):
     other = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=other_spec(), num_samples=8, progress=False)
     assert other.content_hash() != cs.content_hash()
     assert old.exists()  # left for the spec it was made with
+
+
+def test_dfq_cache_lists_shows_and_clears_only_when_confirmed(capsys):
+    from dfq_plugins.cli import main
+
+    cs = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=8, progress=False)
+    assert main(["cache", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "zeroq, 8 images, seed 0" in listing and "1 entries" in listing
+    name = listing.split()[1]
+    assert main(["cache", "show", name[:12]]) == 0
+    assert cs.content_hash() in capsys.readouterr().out
+    assert main(["cache", "clear", "calibration"]) == 2  # not without --yes
+    assert "add --yes" in capsys.readouterr().err
+    assert main(["cache", "clear", "calibration", "--yes"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out
+    assert main(["cache", "list"]) == 0
+    assert "0 entries" in capsys.readouterr().out
+
+
+def test_a_reused_set_says_so(caplog):
+    import logging
+
+    dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=8, progress=False)
+    with caplog.at_level(logging.INFO, logger="dfq_plugins"):
+        dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=8, progress=False)
+    assert any("reusing the cached zeroq set" in r.getMessage() for r in caplog.records)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError
-from ..progress import progress_bar
+from ..progress import log, progress_bar
 from ..quant.learnable import clamp_scales
 from ..teacher import Teacher
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -207,6 +207,8 @@ class TrainingRun:
         self.history = list(extra.pop("history", []))
         self.extra = extra
         self._observing = not (self.step < self.d.observer_steps or self.d.ranges == "observe")  # force a set
+        log.info("distiller %s: resuming from the checkpoint at step %d of %d (%s)", self.d.name, self.step,
+                 self.d.steps, path.parent.name)
         return True
 
     def run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
