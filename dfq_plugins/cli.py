@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plugins
+from .custom_model import is_custom_model, load_custom_model
 from .errors import AssetsMissingError, DFQError
 from .recipes import apply_overrides, load_recipe, split_list
 
@@ -19,9 +20,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+SPEC_KEYS = ["input_shape", "mean", "std", "num_classes", "pixel_range"]  # a custom model's InputSpec
 COMMAND_KEYS: dict[str, list[str]] = {
-    "synthesize": ["model", "source", "images", "seed", "batch_size", "out"],
-    "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps"],
+    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", *SPEC_KEYS],
+    "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps",
+                 *SPEC_KEYS],
     "bench": ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json", "md", "test_limit",
               "distill", "steps", "rows", "row_seeds"],
     "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
@@ -59,7 +62,8 @@ def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for v in split_list(merged["seeds"]):
             check_number("seeds", v, minimum=0)
     model = merged.get("model")
-    defaults = plugins.get("models", model).obj.source_defaults if isinstance(model, str) else {}
+    custom = isinstance(model, str) and is_custom_model(model)
+    defaults = plugins.get("models", model).obj.source_defaults if isinstance(model, str) and not custom else {}
     merged["sources"] = {k: dict(v) for k, v in defaults.items()}
     for table in TABLES:
         section = recipe.get(table, {})
@@ -78,11 +82,52 @@ def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 continue  # the model's own defaults for sources this run may not use
             merged[table][name] = validate_options(plugins.get(kind, name).obj, options, f"{kind[:-1]} {name!r}")
     for name in split_list(merged.get("source")):
+        if is_saved_set(name):
+            if not Path(name).is_file():
+                raise ConfigError(f"--source {name}: no such calibration set file")
+            continue
         plugins.get("synthesizers", name)
     for name in split_list(merged.get("toolchain")) if command != "dynamic" else [merged.get("toolchain")]:
         if name:
             plugins.get("toolchains", name)
     return merged
+
+
+def is_saved_set(source: str) -> bool:
+    """``--source path/to/set.safetensors``: a set written by ``dfq synthesize --out``."""
+    return str(source).endswith(".safetensors")
+
+
+def _model_of(s: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(model, InputSpec, model plugin entry or None for a user's own model)."""
+    if is_custom_model(s["model"]):
+        model, spec = load_custom_model(s["model"], s)
+        return model, spec, None
+    entry = plugins.get("models", s["model"]).obj
+    model, spec = entry.load()
+    return model, spec, entry
+
+
+def _calibration_data(s: dict[str, Any], model: Any, spec: Any, entry: Any, quiet: bool) -> Any:
+    """A saved set (checked against the model's spec) or a synthesized one."""
+    from .api import synthesize
+    from .data import CalibrationSet
+    from .spec import InputSpec
+
+    if is_saved_set(s["source"]):
+        cs = CalibrationSet.load(s["source"])
+        made_with = cs.manifest.get("input_spec")
+        if made_with is not None and InputSpec.from_dict(made_with) != spec:
+            raise DFQError(f"{s['source']} was made for another input spec ({made_with}); this model takes "
+                           f"{spec.to_dict()}")
+        return cs.with_batch_size(int(s["batch_size"]))
+    if s["source"] == "real" and entry is None:
+        raise DFQError("source 'real' with your own model: pass your images through the Python API "
+                       "(quantize(..., source='real', data=your_dataloader)), or save them as a set and use "
+                       "--source set.safetensors")
+    pool = _real_pool(s["model"]) if s["source"] == "real" else None
+    return synthesize(model, _source_arg(s["source"], s), input_spec=spec, num_samples=int(s["images"]),
+                      seed=int(s["seed"]), batch_size=int(s["batch_size"]), data=pool, progress=not quiet)
 
 
 def _source_arg(name: str, s: dict[str, Any]) -> dict[str, Any]:
@@ -107,13 +152,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    from .api import synthesize
-
     s = _settings(args, "synthesize")
-    pool = _real_pool(s["model"]) if s["source"] == "real" else None
+    model, spec, entry = _model_of(s)
     t = time.perf_counter()
-    cs = synthesize(s["model"], _source_arg(s["source"], s), num_samples=int(s["images"]), seed=int(s["seed"]),
-                    batch_size=int(s["batch_size"]), data=pool, progress=not args.quiet)
+    cs = _calibration_data(s, model, spec, entry, args.quiet)
     print(f"{s['source']}: {cs.num_samples} samples for {s['model']} in {time.perf_counter() - t:.1f}s "
           f"(hash {cs.content_hash()[:16]})")
     if s.get("out"):
@@ -129,11 +171,10 @@ def _real_pool(model: str):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import evaluate, make_toolchain, synthesize
+    from .api import evaluate, make_toolchain
     from .scheme import QuantScheme
 
     s = _settings(args, "quantize")
-    entry = plugins.get("models", s["model"]).obj
     scheme = QuantScheme.parse(s["scheme"])
     chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
     chain.check_scheme(scheme)
@@ -144,12 +185,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .api import make_distillers
 
         distillers = make_distillers(s["distill"], int(s["steps"]) if s.get("steps") else None, s["distillers"])
-    model, spec = entry.load()
+    model, spec, entry = _model_of(s)
     print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
-    pool = _real_pool(s["model"]) if s["source"] == "real" else None
     t = time.perf_counter()
-    cs = synthesize(model, _source_arg(s["source"], s), input_spec=spec, num_samples=int(s["images"]),
-                    seed=int(s["seed"]), batch_size=int(s["batch_size"]), data=pool, progress=not args.quiet)
+    cs = _calibration_data(s, model, spec, entry, args.quiet)
     print(f"calibration data: {cs.num_samples} images from '{s['source']}' (seed {s['seed']}) in "
           f"{time.perf_counter() - t:.1f}s (synthesis took {cs.manifest.get('synth_seconds', 0):.1f}s)")
     t = time.perf_counter()
@@ -169,7 +208,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized with {s['toolchain']} at {ran.name} in {time.perf_counter() - t:.1f}s -> "
           f"{type(q).__name__}")
     try:
-        test = entry.test_set() if entry.test_set else None
+        test = entry.test_set() if entry is not None and entry.test_set else None
+        if entry is None:
+            print("no accuracy check: your own model comes with no test set here (evaluate the result on yours)")
     except AssetsMissingError as exc:
         print(f"no accuracy check: {exc}")
         test = None
@@ -319,26 +360,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--recipe", help="TOML file with the same keys as these flags ([sources.NAME] tables)")
-        sp.add_argument("--model", help=f"model plugin name (default {DEFAULTS['model']})")
+        sp.add_argument("--model", help=f"model plugin name (default {DEFAULTS['model']}), or your own: "
+                        "MODULE:FACTORY or FILE.py:FACTORY")
         sp.add_argument("--images", type=int, help="calibration images (default 256)")
         sp.add_argument("--batch-size", dest="batch_size", type=int, help="calibration batch size (default 32)")
         sp.add_argument("--set", action="append", metavar="SOURCE.KEY=VALUE",
                         help="source option, e.g. zeroq.iterations=100 (repeatable)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def own_model(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--input-shape", dest="input_shape", help="your model's input C,H,W (with --model MOD:FACTORY)")
+        sp.add_argument("--mean", help="per-channel normalisation mean, e.g. 0.485,0.456,0.406")
+        sp.add_argument("--std", help="per-channel normalisation std")
+        sp.add_argument("--num-classes", dest="num_classes", type=int, help="number of logits")
+        sp.add_argument("--pixel-range", dest="pixel_range", help="low,high of raw pixels (default 0,1)")
+
     sp = sub.add_parser("synthesize", help="make a calibration set and save it")
     common(sp)
-    sp.add_argument("--source", help="data source (default zeroq)")
+    own_model(sp)
+    sp.add_argument("--source", help="data source (default zeroq), or a set saved by dfq synthesize --out "
+                    "(PATH.safetensors)")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--out", help="path of the .safetensors file to write")
     sp.set_defaults(func=cmd_synthesize)
 
     sp = sub.add_parser("quantize", help="data-free quantization of a model through one toolchain")
     common(sp)
+    own_model(sp)
     sp.add_argument("--toolchain", help="torch-ao-fx (default), torchao-pt2e or nncf")
     sp.add_argument("--scheme", help="w8a8 (default), w4a8, w4a4, ...; suffixes -protoA, -protoB (input in "
                     "float; B: first layer W8, last W8A8), -wminmax -aminmax (plain MinMax)")
-    sp.add_argument("--source", help="data source (default zeroq)")
+    sp.add_argument("--source", help="data source (default zeroq), or a set saved by dfq synthesize --out "
+                    "(PATH.safetensors)")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--save", help="write the quantized model's state_dict here")
     sp.add_argument("--distill", help="fine-tune the calibrated student: kd, adadfq, causal, diffdfq, reconstruct, "

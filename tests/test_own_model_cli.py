@@ -1,0 +1,62 @@
+"""Your own model and a saved set through the CLI, on a model the package does not know."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from dfq_plugins.cli import main
+
+NET = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 5)).eval()
+""")
+SPEC = ["--input-shape", "3,16,16", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--num-classes", "5"]
+
+
+@pytest.fixture
+def net(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(NET)
+    return f"{path}:build"
+
+
+def test_quantize_your_own_model_file(net, tmp_path, capsys):
+    out = tmp_path / "q.pt"
+    assert main(["quantize", "--model", net, *SPEC, "--images", "16", "--set", "zeroq.iterations=3",
+                 "--save", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "input (3, 16, 16), 5 classes" in text and "no accuracy check: your own model" in text
+    assert out.stat().st_size > 0
+
+
+def test_a_saved_set_feeds_quantize(net, tmp_path, capsys):
+    saved = tmp_path / "set.safetensors"
+    assert main(["synthesize", "--model", net, *SPEC, "--source", "noise", "--images", "16", "--out", str(saved),
+                 "--quiet"]) == 0
+    assert main(["quantize", "--model", net, *SPEC, "--source", str(saved), "--quiet"]) == 0
+    assert "16 images from" in capsys.readouterr().out
+    other = [*SPEC[:-1], "5"]
+    other[3] = "0.4,0.4,0.4"  # another mean: the set was not made for this spec
+    assert main(["quantize", "--model", net, *other, "--source", str(saved), "--quiet"]) == 2
+    assert "made for another input spec" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-shape", "3,16,16"], "needs --mean, --std, --num-classes as well"),
+    ([], "needs its input described"),
+    (SPEC[:-1] + ["4"], "gives 5 logits but InputSpec.num_classes is 4"),
+])
+def test_your_own_model_with_a_missing_or_wrong_spec_is_a_clear_error(net, capsys, argv, message):
+    assert main(["quantize", "--model", net, *argv, "--source", "noise", "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_factory_is_a_clear_error(tmp_path, capsys):
+    assert main(["quantize", "--model", f"{tmp_path}/nothere.py:build", *SPEC, "--quiet"]) == 2
+    assert "no file" in capsys.readouterr().err
