@@ -105,3 +105,21 @@ def resnet20():
     except AssetsMissingError as exc:
         pytest.skip(f"evaluation assets absent: {exc}")
     return model, spec, test, pool
+
+
+def interrupt_zeroq_once_at_batch(monkeypatch, index: int) -> list[int]:
+    """Make zeroq raise KeyboardInterrupt the first time it reaches batch ``index`` (Ctrl-C there);
+    returns the list of batch indices synthesized, in order, for the test to inspect."""
+    from dfq_plugins.synthesizers.zeroq import ZeroQSynthesizer
+
+    real_batch = ZeroQSynthesizer.optimize_batch
+    calls: list[int] = []
+
+    def flaky(self, teacher, n, seed, i, bar, targets=None):
+        calls.append(i)
+        if i == index and calls.count(index) == 1:
+            raise KeyboardInterrupt
+        return real_batch(self, teacher, n, seed, i, bar, targets)
+
+    monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", flaky)
+    return calls

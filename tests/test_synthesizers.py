@@ -11,7 +11,7 @@ from dfq_plugins.spec import InputSpec
 from dfq_plugins.synthesizers.zeroq import ZeroQSynthesizer
 from dfq_plugins.teacher import Teacher
 
-from .conftest import make_tiny
+from .conftest import interrupt_zeroq_once_at_batch, make_tiny
 
 
 def bn_gap(teacher: Teacher, x: torch.Tensor) -> float:
@@ -89,16 +89,7 @@ def test_zeroq_takes_any_channel_count_and_untraceable_forward():
 def test_interrupted_synthesis_resumes_from_finished_batches(tiny, monkeypatch):
     model, spec = tiny
     src = {"name": "zeroq", "iterations": 3, "synthesis_batch_size": 4}
-    real_batch = ZeroQSynthesizer.optimize_batch
-    calls = []
-
-    def flaky(self, teacher, n, seed, index, bar, targets=None):
-        calls.append(index)
-        if index == 2 and calls.count(2) == 1:
-            raise KeyboardInterrupt
-        return real_batch(self, teacher, n, seed, index, bar, targets)
-
-    monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", flaky)
+    calls = interrupt_zeroq_once_at_batch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         dfq_plugins.synthesize(model, src, input_spec=spec, num_samples=12, progress=False)
     resumed = dfq_plugins.synthesize(model, src, input_spec=spec, num_samples=12, progress=False)

@@ -13,25 +13,15 @@ import dfq_plugins
 from dfq_plugins import CalibrationSet
 from dfq_plugins.errors import CorruptArtifactError
 from dfq_plugins.io import cache_root
-from dfq_plugins.synthesizers.zeroq import ZeroQSynthesizer
 
-from ..conftest import TINY_SPEC, make_tiny
+from ..conftest import TINY_SPEC, interrupt_zeroq_once_at_batch, make_tiny
 
 SOURCE = {"name": "zeroq", "iterations": 3, "synthesis_batch_size": 4}
 
 
 def interrupted_run(monkeypatch) -> list:
     """Synthesize 12 images, stopped (Ctrl-C) in batch 2: batches 0 and 1 are left in .partial."""
-    real_batch = ZeroQSynthesizer.optimize_batch
-    calls: list[int] = []
-
-    def flaky(self, teacher, n, seed, index, bar, targets=None):
-        calls.append(index)
-        if index == 2 and calls.count(2) == 1:
-            raise KeyboardInterrupt
-        return real_batch(self, teacher, n, seed, index, bar, targets)
-
-    monkeypatch.setattr(ZeroQSynthesizer, "optimize_batch", flaky)
+    calls = interrupt_zeroq_once_at_batch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=12, progress=False)
     return calls
