@@ -22,9 +22,9 @@ DEFAULTS: dict[str, Any] = {
 
 SPEC_KEYS = ["input_shape", "mean", "std", "num_classes", "pixel_range"]  # a custom model's InputSpec
 COMMAND_KEYS: dict[str, list[str]] = {
-    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", *SPEC_KEYS],
+    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", "data", *SPEC_KEYS],
     "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps",
-                 *SPEC_KEYS],
+                 "data", "test_dir", *SPEC_KEYS],
     "bench": ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json", "md", "test_limit",
               "distill", "steps", "rows", "row_seeds"],
     "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
@@ -143,11 +143,19 @@ def _calibration_data(s: dict[str, Any], model: Any, spec: Any, entry: Any, quie
             raise DFQError(f"{s['source']} was made for another input spec ({made_with}); this model takes "
                            f"{spec.to_dict()}")
         return cs.with_batch_size(int(s["batch_size"]))
-    if s["source"] == "real" and entry is None:
-        raise DFQError("source 'real' with your own model: pass your images through the Python API "
-                       "(quantize(..., source='real', data=your_dataloader)), or save them as a set and use "
-                       "--source set.safetensors")
-    pool = _real_pool(s["model"]) if s["source"] == "real" else None
+    if s.get("data") and s["source"] != "real":
+        raise DFQError(f"--data is read by --source real, not by {s['source']!r}")
+    pool = None
+    if s["source"] == "real" and s.get("data"):
+        from .imagefolder import load_image_folder
+
+        folder = load_image_folder(s["data"], spec)
+        pool = folder.images if bool((folder.labels < 0).any()) else (folder.images, folder.labels)
+    elif s["source"] == "real" and entry is None:
+        raise DFQError("source 'real' with your own model needs your images: --data DIR (a folder of images, or "
+                       "one sub-folder per class), or source='real', data=your_dataloader in the Python API")
+    elif s["source"] == "real":
+        pool = _real_pool(s["model"])
     return synthesize(model, _source_arg(s["source"], s), input_spec=spec, num_samples=int(s["images"]),
                       seed=int(s["seed"]), batch_size=int(s["batch_size"]), data=pool, progress=not quiet)
 
@@ -230,9 +238,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized with {s['toolchain']} at {ran.name} in {time.perf_counter() - t:.1f}s -> "
           f"{type(q).__name__}")
     try:
-        test = entry.test_set() if entry is not None and entry.test_set else None
-        if entry is None:
-            print("no accuracy check: your own model comes with no test set here (evaluate the result on yours)")
+        if s.get("test_dir"):
+            from .imagefolder import load_image_folder
+
+            test = load_image_folder(s["test_dir"], spec)
+            if bool((test.labels < 0).any()):
+                raise DFQError(f"--test-dir {s['test_dir']}: a test set needs one sub-folder per class")
+        else:
+            test = entry.test_set() if entry is not None and entry.test_set else None
+            if entry is None:
+                print("no accuracy check: your own model comes with no test set here (give one with --test-dir)")
     except AssetsMissingError as exc:
         print(f"no accuracy check: {exc}")
         test = None
@@ -396,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--std", help="per-channel normalisation std")
         sp.add_argument("--num-classes", dest="num_classes", type=int, help="number of logits")
         sp.add_argument("--pixel-range", dest="pixel_range", help="low,high of raw pixels (default 0,1)")
+        sp.add_argument("--data", help="--source real: a folder of your images (flat, or one sub-folder per class)")
 
     sp = sub.add_parser("synthesize", help="make a calibration set and save it")
     common(sp)
@@ -416,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(PATH.safetensors)")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--save", help="write the quantized model's state_dict here")
+    sp.add_argument("--test-dir", dest="test_dir", help="evaluate on your images: one sub-folder per class, "
+                    "classes sorted by name = label 0, 1, ...")
     sp.add_argument("--distill", help="fine-tune the calibrated student: kd, adadfq, causal, diffdfq, reconstruct, "
                                       "or a chain run in order, e.g. reconstruct+kd")
     sp.add_argument("--steps", type=int, help="fine-tuning steps (default: the distiller's, 1000)")

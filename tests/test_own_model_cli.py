@@ -73,3 +73,37 @@ def test_without_assets_the_main_job_falls_back_to_a_wheel_model(tmp_path, monke
     assert "model efficientnet-lite0: input (3, 224, 224), 1000 classes" in out
     assert "no accuracy check: asset" in out
     assert main(["quantize", "--model", "cifar10-resnet20", "--source", "noise", "--quiet"]) == 2  # named: no fallback
+
+
+def image_folder(root, classes: int = 5, per_class: int = 4, flat: bool = False):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root if flat else root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)  # any size: resized and cropped
+            Image.fromarray(pixels).save(folder / f"{c}-{i}.png")
+    return root
+
+
+def test_your_own_images_calibrate_and_test(net, tmp_path, capsys):
+    images = image_folder(tmp_path / "images")
+    assert main(["quantize", "--model", net, *SPEC, "--source", "real", "--data", str(images), "--images", "16",
+                 "--test-dir", str(images), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "16 images from 'real'" in out and "top-1 on images (20 real images)" in out
+
+
+def test_image_folder_errors_are_clear(net, tmp_path, capsys):
+    flat = image_folder(tmp_path / "flat", flat=True)
+    assert main(["quantize", "--model", net, *SPEC, "--source", "real", "--data", str(flat), "--images", "8",
+                 "--quiet"]) == 0  # a flat folder calibrates
+    assert main(["quantize", "--model", net, *SPEC, "--source", "noise", "--test-dir", str(flat), "--quiet"]) == 2
+    assert "needs one sub-folder per class" in capsys.readouterr().err
+    assert main(["quantize", "--model", net, *SPEC, "--source", "noise", "--data", str(flat), "--quiet"]) == 2
+    assert "--data is read by --source real" in capsys.readouterr().err
+    assert main(["quantize", "--model", net, *SPEC, "--source", "real", "--quiet"]) == 2
+    assert "--data DIR" in capsys.readouterr().err
