@@ -106,11 +106,14 @@ def remove_orphaned_temporaries(folder: Path, older_than: float | None = None) -
 
 @contextlib.contextmanager
 def entry_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an OS lock on one cache entry (``<path>.lock``) so that two identical runs share the
-    work: the second waits, then finds the first one's result. Released if the process dies."""
+    """Hold an OS lock on one cache entry so that two identical runs share the work: the second
+    waits, then finds the first one's result. Released if the process dies. The lock files live in
+    ``<cache>/locks/`` so the entries' own folders hold entries only."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(str(path) + ".lock")
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{Path(path).parent.name}-{Path(path).name}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
