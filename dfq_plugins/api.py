@@ -126,8 +126,7 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
                 if not path.exists():
                     return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, path)
         cs = load_cached_set(path)
-        log.info("reusing the cached %s set %s (%d images, hash %s)", synth.name, path.name, cs.num_samples,
-                 cs.content_hash()[:16])
+        log.info("reusing the cached %s set %s (%d images)", synth.name, path.name, cs.num_samples)
         return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
 
 
