@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import time
@@ -216,14 +215,6 @@ def make_distillers(distill: str | dict[str, Any] | list[str | dict[str, Any]], 
     return [make_distiller(stage, steps if i == len(stages) - 1 else None) for i, stage in enumerate(stages)]
 
 
-def trained_scheme_name(scheme: QuantScheme) -> str:
-    """The scheme a trainable student runs, named as before bias correction existed (no correction
-    for a student that learns its biases), so distillation checkpoints keep their keys."""
-    if scheme.bias_correction == "auto":
-        scheme = dataclasses.replace(scheme, bias_correction="off")
-    return scheme.name
-
-
 def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: QuantScheme,
                     cs: CalibrationSet | None, seed: int, after: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Where a run's checkpoints live, and the key that identifies the run.
@@ -234,7 +225,7 @@ def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: Qu
     fields = {"teacher": teacher.fingerprint(), "distiller": distiller.name, "version": distiller.version,
               "config": distiller.config_dict(), "toolchain": toolchain.name,
               "toolchain_config": {k: v for k, v in vars(toolchain).items() if not k.startswith("_")},
-              "scheme": trained_scheme_name(scheme), "data": None if cs is None else cs.content_hash(), "seed": seed}
+              "scheme": scheme.for_training().name, "data": None if cs is None else cs.content_hash(), "seed": seed}
     if after:
         fields["after"] = list(after)
     key = short_hash(fields)

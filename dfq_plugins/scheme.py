@@ -92,6 +92,11 @@ class QuantScheme:
                           last_layer=out.last_layer or LayerBits(8, 8))
         return out
 
+    def for_training(self) -> QuantScheme:
+        """The scheme a trainable student runs: it learns its biases, so ``auto`` bias correction is off
+        (and ``auto`` weight ranges resolve as without it)."""
+        return replace(self, bias_correction="off") if self.bias_correction == "auto" else self
+
     @property
     def corrects_biases(self) -> bool:
         """Whether post-training bias correction runs (either way of taking its expectations)."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,9 +35,7 @@ class Toolchain:
         A trainable student gets no bias correction (it learns its biases), so ``auto`` resolves
         as without it there, weights included.
         """
-        if trainable and scheme.bias_correction == "auto":
-            scheme = dataclasses.replace(scheme, bias_correction="off")
-        return scheme.resolved()
+        return (scheme.for_training() if trainable else scheme).resolved()
 
     def bias_correction_layers(self, prepared: Any) -> list[Any] | None:
         """The prepared model's weighted layers for bias correction (``quant/biascorrect.py``);
