@@ -38,49 +38,75 @@ _AT_LEAST = {"images": 1, "batch_size": 1, "seed": 0, "test_limit": 1, "copies":
 def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Recipe values, then flags given on the command line, then defaults; every key, name and
     option checked here, before any work (unknown keys, wrong types, impossible values)."""
-    from .config import ConfigError, check_keys, check_number, validate_options
-
     recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
     recipe = {k.replace("-", "_"): v for k, v in recipe.items()}
     keys = COMMAND_KEYS[command]
-    tables = [*TABLES, *(["selector"] if command == "dynamic" else [])]
-    elsewhere = {k: f"dfq {c}" for c, ks in COMMAND_KEYS.items() for k in ks if k not in keys}
-    check_keys(recipe, [*keys, *tables], f"recipe {args.recipe}", elsewhere)
-    for key in keys:
-        if isinstance(recipe.get(key), dict) and key != "row_seeds":  # row_seeds is a table of its own
-            raise ConfigError(f"recipe {args.recipe}: {key!r} is a value, not a table; options of a plugin go in "
-                              "[sources.NAME], [distillers.NAME] or [toolchains.NAME] (e.g. [sources.zeroq])")
+    tables = _check_recipe(recipe, command, args.recipe)
     merged = {k: v for k, v in DEFAULTS.items() if k in keys}
     merged.update({k: v for k, v in recipe.items() if k not in tables})
     merged.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
-    model_defaulted = "model" in keys and "model" not in recipe and getattr(args, "model", None) is None
-    for key, minimum in _AT_LEAST.items():
-        if merged.get(key) is not None and key in keys:
-            merged[key] = check_number(key, merged[key], minimum=minimum)
-    if merged.get("steps") is not None and command != "dynamic":
-        merged["steps"] = check_number("steps", merged["steps"], minimum=0)
-    if "seeds" in keys and merged.get("seeds") is not None:
-        for v in split_list(merged["seeds"]):
-            check_number("seeds", v, minimum=0)
+    _check_numbers(merged, command)
     model = merged.get("model")
     custom = isinstance(model, str) and is_custom_model(model)
     defaults = plugins.get("models", model).obj.source_defaults if isinstance(model, str) and not custom else {}
     merged["sources"] = {k: dict(v) for k, v in defaults.items()}
-    for table in TABLES:
-        section = recipe.get(table, {})
-        if not isinstance(section, dict) or not all(isinstance(v, dict) for v in section.values()):
-            raise ConfigError(f"recipe {args.recipe}: [{table}] holds one table per name, e.g. [{table}.NAME]")
     for k, v in recipe.get("sources", {}).items():
         merged["sources"].setdefault(k, {}).update(v)
     merged["toolchains"] = {k: dict(v) for k, v in recipe.get("toolchains", {}).items()}
     merged["distillers"] = {k: dict(v) for k, v in recipe.get("distillers", {}).items()}
-    apply_overrides(merged["sources"], getattr(args, "set", None) or [])
+    set_args = getattr(args, "set", None) or []
+    apply_overrides(merged["sources"], set_args)
     apply_overrides(merged["distillers"], getattr(args, "distill_set", None) or [])
-    for table, kind in TABLES.items():  # names exist, options exist and have the declared types
+    unused_defaults = {n for n in defaults if n not in recipe.get("sources", {})
+                       and n not in {a.partition(".")[0].strip() for a in set_args}}
+    _check_plugins(merged, command, unused_defaults)
+    merged["model_defaulted"] = "model" in keys and "model" not in recipe and getattr(args, "model", None) is None
+    return merged
+
+
+def _check_recipe(recipe: dict[str, Any], command: str, path: str | None) -> list[str]:
+    """Known keys only, values where values belong, one table per plugin name; returns the table keys."""
+    from .config import ConfigError, check_keys
+
+    keys = COMMAND_KEYS[command]
+    tables = [*TABLES, *(["selector"] if command == "dynamic" else [])]
+    elsewhere = {k: f"dfq {c}" for c, ks in COMMAND_KEYS.items() for k in ks if k not in keys}
+    check_keys(recipe, [*keys, *tables], f"recipe {path}", elsewhere)
+    for key in keys:
+        if isinstance(recipe.get(key), dict) and key != "row_seeds":  # row_seeds is a table of its own
+            raise ConfigError(f"recipe {path}: {key!r} is a value, not a table; options of a plugin go in "
+                              "[sources.NAME], [distillers.NAME] or [toolchains.NAME] (e.g. [sources.zeroq])")
+    for table in TABLES:
+        section = recipe.get(table, {})
+        if not isinstance(section, dict) or not all(isinstance(v, dict) for v in section.values()):
+            raise ConfigError(f"recipe {path}: [{table}] holds one table per name, e.g. [{table}.NAME]")
+    return tables
+
+
+def _check_numbers(merged: dict[str, Any], command: str) -> None:
+    """Counts and seeds: integers, at least their minimum (coerced in place)."""
+    from .config import check_number
+
+    keys = COMMAND_KEYS[command]
+    for key, minimum in _AT_LEAST.items():
+        if merged.get(key) is not None and key in keys:
+            merged[key] = check_number(key, merged[key], minimum=minimum)
+    if merged.get("steps") is not None and command != "dynamic":  # dynamic takes BITS:STEPS pairs
+        merged["steps"] = check_number("steps", merged["steps"], minimum=0)
+    if "seeds" in keys and merged.get("seeds") is not None:
+        for v in split_list(merged["seeds"]):
+            check_number("seeds", v, minimum=0)
+
+
+def _check_plugins(merged: dict[str, Any], command: str, unused_defaults: set[str]) -> None:
+    """Every named source, distiller and toolchain exists, and their options are declared and typed
+    (coerced in place); a model's own source defaults are checked only when this run touches them."""
+    from .config import ConfigError, validate_options
+
+    for table, kind in TABLES.items():
         for name, options in merged[table].items():
-            if table == "sources" and name in defaults and name not in recipe.get("sources", {}) and \
-                    name not in {a.partition(".")[0].strip() for a in getattr(args, "set", None) or []}:
-                continue  # the model's own defaults for sources this run may not use
+            if table == "sources" and name in unused_defaults:
+                continue
             merged[table][name] = validate_options(plugins.get(kind, name).obj, options, f"{kind[:-1]} {name!r}")
     for name in split_list(merged.get("source")):
         if is_saved_set(name):
@@ -91,8 +117,6 @@ def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
     for name in split_list(merged.get("toolchain")) if command != "dynamic" else [merged.get("toolchain")]:
         if name:
             plugins.get("toolchains", name)
-    merged["model_defaulted"] = model_defaulted
-    return merged
 
 
 def is_saved_set(source: str) -> bool:
