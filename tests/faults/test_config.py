@@ -15,7 +15,7 @@ def no_work(monkeypatch):
 
     def forbidden(*_a, **_k):
         raise AssertionError("work started before the configuration was checked")
-    monkeypatch.setattr(dfq_plugins.api, "synthesize", forbidden)
+    monkeypatch.setattr(dfq_plugins.api, "_synthesize_now", forbidden)  # looked up at call time, never bound elsewhere
 
 
 def settings(argv: list[str], recipe: str | None = None, tmp_path=None) -> dict:
