@@ -14,6 +14,7 @@ from torch import nn
 
 from . import plugins
 from .data import CalibrationSet
+from .device import module_device, placed, resolve_device
 from .io import cache_root, entry_lock, short_hash, writable_folder
 from .progress import log
 from .scheme import QuantScheme
@@ -102,19 +103,24 @@ def load_cached_set(path: Path) -> CalibrationSet:
 
 def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *,
                input_spec: InputSpec | None = None, num_samples: int = 256, batch_size: int = 32, seed: int = 0,
-               data: Any = None, cache: bool = True, progress: bool = True) -> CalibrationSet:
+               data: Any = None, cache: bool = True, progress: bool = True,
+               device: str | torch.device | None = None) -> CalibrationSet:
     """Synthesize (or load from the cache) a calibration set for ``model``.
 
     The cache key is (teacher fingerprint, method, config, seed, size, InputSpec). An interrupted
-    run keeps its finished batches and resumes from them.
+    run keeps its finished batches and resumes from them. ``device``: where to compute (``None``
+    or ``"auto"``: where the model is; ``"cuda"`` moves it there for the run and back after). The
+    set comes back on the CPU, and its manifest names the device that made it; the cache key does
+    not, so a set made on a GPU is reused on a CPU.
     """
     model, spec = resolve_model(model, input_spec)
+    dev = resolve_device(device, model)
     synth = make_synthesizer(source, data)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    with borrowed_teacher(model, spec) as teacher:
+    with placed(model, dev), borrowed_teacher(model, spec) as teacher:
         path = calibration_cache_path(teacher, synth, num_samples, seed) if cache and synth.cacheable else None
         if path is None:
             return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, None)
@@ -136,6 +142,7 @@ def _synthesize_now(synth: Any, teacher: Teacher, num_samples: int, seed: int, b
     cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
                           workdir=workdir)
     cs.manifest["synth_seconds"] = round(time.perf_counter() - started, 3)
+    cs.manifest["device"] = str(teacher.device)
     if path is not None:
         try:
             cs.save(path)
@@ -151,7 +158,8 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
              source: str | dict[str, Any] | CalibrationSet = "zeroq", scheme: str | dict | QuantScheme = "w8a8",
              input_spec: InputSpec | None = None, num_samples: int = 256, batch_size: int = 32, seed: int = 0,
              data: Any = None, distill: str | dict[str, Any] | None = None, steps: int | None = None,
-             trainable: bool = False, cache: bool = True, progress: bool = True) -> nn.Module:
+             trainable: bool = False, cache: bool = True, progress: bool = True,
+             device: str | torch.device | None = None) -> nn.Module:
     """Data-free quantization in one call; returns the toolchain's own quantized model.
 
     ``distill="kd"`` (or ``adadfq``, ``causal``, ``diffdfq``, ``reconstruct``, or a config table)
@@ -159,23 +167,27 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
     it. A chain, ``"reconstruct+kd"`` or a list, runs its stages in order on the same student;
     ``steps`` then sets the last stage's steps.
     ``trainable=True`` returns the calibrated (and distilled) fake-quant student instead.
+    ``device``: where synthesis, calibration and distillation run (``None``: the model's device);
+    the result lives there, and ``model`` is given back where it was.
     """
     model, spec = resolve_model(model, input_spec)
+    dev = resolve_device(device, model)
     q_scheme = QuantScheme.parse(scheme)
     chain = make_toolchain(toolchain)
     chain.check_scheme(q_scheme)  # fail before spending minutes on synthesis
     fine_tuned = trainable or distill is not None
     chain.check_bias_correction(chain.resolve_scheme(q_scheme, fine_tuned), fine_tuned)
     distillers = make_distillers(distill, steps) if distill is not None else None
-    cs = source if isinstance(source, CalibrationSet) else synthesize(
-        model, source, input_spec=spec, num_samples=num_samples, batch_size=batch_size, seed=seed, data=data,
-        cache=cache, progress=progress)
-    if distillers is None:
-        return chain.quantize(model, q_scheme, cs, trainable=trainable)
-    student = chain.quantize(model, q_scheme, cs, trainable=True)
-    student = run_distillers(distillers, model, spec, student, cs, chain, q_scheme, seed=seed, cache=cache,
-                             progress=progress)
-    return student if trainable else chain.convert(student)
+    with placed(model, dev):
+        cs = source if isinstance(source, CalibrationSet) else synthesize(
+            model, source, input_spec=spec, num_samples=num_samples, batch_size=batch_size, seed=seed, data=data,
+            cache=cache, progress=progress, device=dev)
+        if distillers is None:
+            return chain.quantize(model, q_scheme, cs, trainable=trainable)
+        student = chain.quantize(model, q_scheme, cs, trainable=True)
+        student = run_distillers(distillers, model, spec, student, cs, chain, q_scheme, seed=seed, cache=cache,
+                                 progress=progress)
+        return student if trainable else chain.convert(student)
 
 
 def make_distiller(distill: str | dict[str, Any], steps: int | None = None) -> Any:
@@ -264,17 +276,21 @@ def distill(model: nn.Module | str, student: nn.Module, source: CalibrationSet |
             distiller: str | dict[str, Any] | list[str | dict[str, Any]] = "kd",
             toolchain: str | dict[str, Any] = "torch-ao-fx", scheme: str | dict | QuantScheme = "w8a8",
             input_spec: InputSpec | None = None, steps: int | None = None, seed: int = 0, cache: bool = True,
-            progress: bool = True) -> nn.Module:
+            progress: bool = True, device: str | torch.device | None = None) -> nn.Module:
     """Fine-tune a trainable student (``quantize(..., trainable=True)``) against ``model``.
 
     ``toolchain`` and ``scheme`` must be the ones the student was prepared with: the loop uses
     the toolchain's own switches (observers, eval mode), and both are part of the cache key.
     ``distiller`` may be a chain (``"reconstruct+kd"``); ``steps`` then sets its last stage's.
+    ``device``: where to train (``None``: the student's device); the FP model joins it for the run.
     """
     model, spec = resolve_model(model, input_spec)
-    return run_distillers(make_distillers(distiller, steps), model, spec, student, source,
-                          make_toolchain(toolchain), QuantScheme.parse(scheme), seed=seed, cache=cache,
-                          progress=progress)
+    dev = resolve_device(device, student)
+    student.to(dev)
+    with placed(model, dev):
+        return run_distillers(make_distillers(distiller, steps), model, spec, student, source,
+                              make_toolchain(toolchain), QuantScheme.parse(scheme), seed=seed, cache=cache,
+                              progress=progress)
 
 
 def make_toolchain(toolchain: str | dict[str, Any]) -> Any:
@@ -286,8 +302,10 @@ def make_toolchain(toolchain: str | dict[str, Any]) -> Any:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent, computed on the model's device."""
     correct = 0
+    device = module_device(model)
     for i in range(0, images.shape[0], batch_size):
-        correct += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+        logits = model(images[i:i + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size].cpu()).sum())
     return 100.0 * correct / images.shape[0]

@@ -22,15 +22,16 @@ DEFAULTS: dict[str, Any] = {
 
 SPEC_KEYS = ["input_shape", "mean", "std", "num_classes", "pixel_range"]  # a custom model's InputSpec
 COMMAND_KEYS: dict[str, list[str]] = {
-    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", "data", *SPEC_KEYS],
+    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", "data", "device", *SPEC_KEYS],
     "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps",
-                 "data", "test_dir", *SPEC_KEYS],
+                 "data", "test_dir", "device", *SPEC_KEYS],
     "bench": ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json", "md", "test_limit",
-              "distill", "steps", "rows", "row_seeds"],
+              "distill", "steps", "rows", "row_seeds", "device"],
     "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
                 "targets", "escalate", "json", "test_limit", "copies", "selector_bits", "references"],
     "speed": ["model", "source"],
 }
+DEVICE_COMMANDS = {c for c, keys in COMMAND_KEYS.items() if "device" in keys}
 TABLES = {"sources": "synthesizers", "toolchains": "toolchains", "distillers": "distillers"}
 _AT_LEAST = {"images": 1, "batch_size": 1, "seed": 0, "test_limit": 1, "copies": 1, "selector_bits": 1}
 
@@ -46,6 +47,10 @@ def _settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
     merged.update({k: v for k, v in recipe.items() if k not in tables})
     merged.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     _check_numbers(merged, command)
+    if merged.get("device") is not None:  # 'cuda' on a machine without one: say so before any work
+        from .device import resolve_device
+
+        resolve_device(str(merged["device"]))
     model = merged.get("model")
     custom = isinstance(model, str) and is_custom_model(model)
     defaults = plugins.get("models", model).obj.source_defaults if isinstance(model, str) and not custom else {}
@@ -205,9 +210,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _placed_model(s: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """_model_of, with the model moved to ``--device`` (default: where it loads, the CPU)."""
+    from .device import resolve_device
+
+    model, spec, entry = _model_of(s)
+    device = resolve_device(s.get("device"), model)
+    if device.type != "cpu":
+        print(f"running on {device}")
+    return model.to(device), spec, entry
+
+
 def cmd_synthesize(args: argparse.Namespace) -> int:
     s = _settings(args, "synthesize")
-    model, spec, entry = _model_of(s)
+    model, spec, entry = _placed_model(s)
     t = time.perf_counter()
     cs = _calibration_data(s, model, spec, entry, args.quiet)
     print(f"{s['source']}: {cs.num_samples} samples for {s['model']} in {time.perf_counter() - t:.1f}s "
@@ -239,7 +255,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .api import make_distillers
 
         distillers = make_distillers(s["distill"], int(s["steps"]) if s.get("steps") else None, s["distillers"])
-    model, spec, entry = _model_of(s)
+    model, spec, entry = _placed_model(s)
     print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
     t = time.perf_counter()
     cs = _calibration_data(s, model, spec, entry, args.quiet)
@@ -303,6 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         distills=[d or None for d in split_list(s.get("distill"))] or [None], distill_configs=s["distillers"],
         distill_steps=int(s["steps"]) if s.get("steps") else None, pairs=parse_pairs(rows) if rows else None,
         distill_seeds={k: [int(v) for v in split_list(v)] for k, v in (s.get("row_seeds") or {}).items()},
+        device=s.get("device"),
     )
     json_path = Path(s["json"]) if s.get("json") else None
     records = run_bench(plan, json_path, progress=not args.quiet)
@@ -428,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="SOURCE.KEY=VALUE",
                         help="source option, e.g. zeroq.iterations=100 (repeatable)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if sp.prog.split()[-1] in DEVICE_COMMANDS:
+            sp.add_argument("--device", help="where to compute: cpu, cuda, cuda:N (default: where the model "
+                            "loads, the CPU); random draws stay on the CPU, so a seed starts the same everywhere")
 
     def own_model(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--input-shape", dest="input_shape", help="your model's input C,H,W (with --model MOD:FACTORY)")

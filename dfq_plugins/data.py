@@ -111,11 +111,17 @@ class CalibrationSet:
         """A DataLoader that yields the same ready batches (batching already done)."""
         return torch.utils.data.DataLoader(_BatchView(self), batch_size=None, shuffle=False)
 
-    def as_nncf(self) -> Any:
-        """An ``nncf.Dataset`` over this set: re-iterable (NNCF reads the first item twice)."""
+    def as_nncf(self, device: torch.device | str | None = None) -> Any:
+        """An ``nncf.Dataset`` over this set: re-iterable (NNCF reads the first item twice);
+        ``device``: where the model is, so each batch is moved there as NNCF reads it."""
         import nncf
 
-        return nncf.Dataset(_BatchView(self))
+        if device is None or torch.device(device).type == "cpu":
+            return nncf.Dataset(_BatchView(self))
+        from .device import to_device
+
+        target = torch.device(device)
+        return nncf.Dataset(_BatchView(self), lambda batch: to_device(batch, target))
 
     def as_mct(self) -> Any:
         """MCT's representative_data_gen: a callable returning an iterator of input lists."""

@@ -39,3 +39,7 @@ class PluginError(DFQError, RuntimeError):
 
 class NonFiniteError(DFQError, ValueError):
     """NaN or infinity where a model, a synthesized image or a loss must be finite."""
+
+
+class DeviceError(DFQError, ValueError):
+    """A device that does not exist here, or a model spread over several devices."""

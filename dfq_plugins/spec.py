@@ -43,14 +43,14 @@ class InputSpec:
     def channels(self) -> int:
         return self.shape[0]
 
-    def _stat(self, values: tuple[float, ...]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+    def _stat(self, values: tuple[float, ...], device: torch.device | None = None) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device or "cpu")
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self._stat(self.mean)) / self._stat(self.std)
+        return (pixels - self._stat(self.mean, pixels.device)) / self._stat(self.std, pixels.device)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self._stat(self.std) + self._stat(self.mean)
+        return x * self._stat(self.std, x.device) + self._stat(self.mean, x.device)
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (low, high) of valid images in normalised space, shaped (1, C, 1, 1)."""
@@ -62,10 +62,10 @@ class InputSpec:
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` clamped per channel to the normalised values real pixels can take."""
         lo, hi = self.bounds()
-        return x.clamp(lo, hi)
+        return x.clamp(lo.to(x.device), hi.to(x.device))
 
-    def example(self, batch: int = 2) -> torch.Tensor:
-        return torch.zeros(batch, *self.shape)
+    def example(self, batch: int = 2, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.zeros(batch, *self.shape, device=device)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """One dry forward of two example images: the model must take this shape and give
@@ -82,7 +82,9 @@ class InputSpec:
         model.eval()
         try:
             with torch.no_grad():
-                out = model(self.example(2))
+                from .device import module_device
+
+                out = model(self.example(2, module_device(model)))
         except RuntimeError as exc:
             raise ValueError(f"the model does not take inputs of InputSpec.shape {self.shape} "
                              f"({str(exc).splitlines()[0]}); check the spec's channels and size") from exc

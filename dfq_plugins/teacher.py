@@ -33,6 +33,13 @@ class Teacher:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the teacher's weights are, so where synthesis and distillation compute."""
+        from .device import module_device
+
+        return module_device(self.model)
+
     def bn_layers(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BN_TYPES)]
 
@@ -86,7 +93,7 @@ def check_model_values(model: nn.Module) -> None:
                                  f"({t[tuple(bad)].item()}); the checkpoint is damaged or was not loaded right")
     for name, m in model.named_modules():
         var = getattr(m, "running_var", None) if isinstance(m, _BN_TYPES) else None
-        if var is not None and (var < 0).any():
+        if var is not None and var.device.type != "meta" and (var < 0).any():
             channel = int((var < 0).nonzero()[0, 0])
             raise NonFiniteError(f"BatchNorm {name!r} has a negative running_var at channel {channel} "
                                  f"({var[channel].item():g}): a variance cannot be negative, and synthesis matching "

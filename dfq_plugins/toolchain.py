@@ -128,7 +128,9 @@ class Toolchain:
 
     def quantize(self, model: nn.Module, scheme: QuantScheme, calibration_set: CalibrationSet, *,
                  trainable: bool = False) -> nn.Module:
-        example = example_inputs_of(calibration_set)
+        from .device import module_device, to_device
+
+        example = to_device(example_inputs_of(calibration_set), module_device(model))
         ran = self.resolve_scheme(scheme, trainable)
         self.check_bias_correction(ran, trainable)
         prepared = self.prepare(model, scheme, example, trainable=trainable)
@@ -195,8 +197,12 @@ def first_and_last_layers(model: nn.Module) -> tuple[str, str]:
 
 @torch.no_grad()
 def run_calibration(model: Any, calibration_set: CalibrationSet) -> None:
-    """Feed every batch through an observed model (tensor, tuple or dict batches)."""
+    """Feed every batch through an observed model (tensor, tuple or dict batches), on its device."""
+    from .device import module_device, to_device
+
+    device = module_device(model)
     for batch in calibration_set:
+        batch = to_device(batch, device)
         if isinstance(batch, dict):
             model(**batch)
         elif isinstance(batch, tuple):

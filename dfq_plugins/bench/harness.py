@@ -43,6 +43,7 @@ class BenchPlan:
     distill_steps: int | None = None  # overrides every distiller's steps (one budget for all rows)
     pairs: list[tuple[str, str | None]] | None = None  # explicit (source, distill) rows instead of the product
     distill_seeds: dict[str, list[int]] = field(default_factory=dict)  # "source+distill" -> seeds for that row
+    device: str | None = None  # where every row computes (None: the CPU, where models load); not in run keys
 
     def rows(self) -> list[tuple[str, str | None]]:
         if self.pairs is not None:
@@ -135,7 +136,11 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
             chain.check_scheme(s)
             for trainable in {d is not None for _, d in plan.rows()}:
                 chain.check_bias_correction(chain.resolve_scheme(s, trainable), trainable)
+    from ..device import resolve_device
+
     model, spec = entry.load()
+    device = resolve_device(plan.device, model)
+    model.to(device)
     test = entry.test_set()
     images, labels = test.images, test.labels
     if plan.test_limit:
@@ -217,7 +222,7 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                             "fp_top1": round(fp_top1, 2), "synth_seconds": round(synth_seconds, 2),
                             "total_seconds": round(synth_seconds + time.perf_counter() - t_run, 2),
                             "peak_rss_mb": round(peak_rss_mb(), 1), "calibration_hash": cs.content_hash()[:16],
-                            "torch": torch.__version__})
+                            "torch": torch.__version__, "device": str(device)})
                 records.append(rec)
                 done.add(_run_key(rec))
                 extra = "" if distill is None else (f", calibrated {rec['top1_calibrated']:.2f}, "

@@ -13,29 +13,35 @@ AUGMENTATIONS = ("shift_flip", "flip", "none")
 
 
 def shift_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Per-image random crop of the zero-padded image (same size) and random horizontal flip."""
+    """Per-image random crop of the zero-padded image (same size) and random horizontal flip.
+
+    The draws come from ``g`` on the CPU, whatever ``x``'s device: the same seed gives the same
+    crops everywhere."""
     n, _, h, w = x.shape
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
         rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
-        x = padded.gather(2, rows)
+        x = padded.gather(2, rows.to(x.device))
         cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-        x = x.gather(3, cols)
+        x = x.gather(3, cols.to(x.device))
     if flip:
         mask = torch.rand(n, generator=g) < 0.5
-        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+        x = torch.where(mask.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
     return x
 
 
 def sample_batch(images: torch.Tensor, size: int, g: torch.Generator, augment: str = "shift_flip",
-                 extra: tuple[torch.Tensor | None, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """A random minibatch of ``images`` (and the same rows of each ``extra`` tensor)."""
+                 extra: tuple[torch.Tensor | None, ...] = (), device: torch.device | None = None,
+                 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """A random minibatch of ``images`` (and the same rows of each ``extra`` tensor), on ``device``
+    (the set stays on the CPU; only the minibatch moves, then is augmented there)."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}; choose one of {AUGMENTATIONS}")
     idx = torch.randint(0, images.shape[0], (size,), generator=g)
-    x = images[idx]
+    x = images[idx] if device is None else images[idx].to(device)
     if x.dim() == 4 and augment != "none":
         x = shift_flip(x, g, pad=4 if augment == "shift_flip" else 0)
-    return x, [None if t is None else t[idx] for t in extra]
+    rows = [None if t is None else t[idx] for t in extra]
+    return x, rows if device is None else [None if t is None else t.to(device) for t in rows]

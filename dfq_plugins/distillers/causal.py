@@ -70,10 +70,10 @@ class CausalDFQDistiller(OnlineDistiller):
         k = self.interventions
         contents = self.batch_size // k
         gen = run.trainables["generator"].module.train()
-        y = torch.randint(0, run.teacher.spec.num_classes, (contents,), generator=g).repeat_interleave(k)
+        y = torch.randint(0, run.teacher.spec.num_classes, (contents,), generator=g).repeat_interleave(k).to(run.device)
         if self.intervention_space == "latent":
-            return gen(torch.randn(contents * k, self.style_dim, generator=g), y), y
-        base = gen(torch.randn(contents, self.style_dim, generator=g), y[::k])
+            return gen(torch.randn(contents * k, self.style_dim, generator=g).to(run.device), y), y
+        base = gen(torch.randn(contents, self.style_dim, generator=g).to(run.device), y[::k])
         return shift_flip(base.repeat_interleave(k, 0), g), y
 
     def discrepancy_loss(self, z_p: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def _optimizer_split(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str,
     for pid, state in sd["state"].items():
         for k, v in state.items():
             if torch.is_tensor(v):
-                tensors[f"{prefix}.{pid}.{k}"] = v.detach().clone().contiguous()
+                tensors[f"{prefix}.{pid}.{k}"] = v.detach().cpu().clone().contiguous()
             else:
                 other.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "state": other}
@@ -45,7 +45,7 @@ def _optimizer_join(meta: dict[str, Any], tensors: dict[str, torch.Tensor], pref
 
 
 def _module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()
+    return {f"{prefix}.{k}": v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()
             if torch.is_tensor(v)}
 
 

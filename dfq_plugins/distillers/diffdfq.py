@@ -53,15 +53,13 @@ class DiffDFQDistiller(KDDistiller):
     @torch.no_grad()
     def discrepancy(self, run: TrainingRun, level: int) -> float:
         x = self.level_images(level)
+        chunks = [x[i:i + self.score_chunk] for i in range(0, x.shape[0], self.score_chunk)]
         if level not in self._teacher_logits:
-            self._teacher_logits[level] = torch.cat([run.teacher(x[i:i + self.score_chunk])
-                                                     for i in range(0, x.shape[0], self.score_chunk)])
-        z_p = self._teacher_logits[level]
+            self._teacher_logits[level] = [run.teacher(c.to(run.device)) for c in chunks]
         total = 0.0
         with run.observers_paused():
-            for i in range(0, x.shape[0], self.score_chunk):
-                total += float(torch.linalg.matrix_norm(z_p[i:i + self.score_chunk]
-                                                        - run.student(x[i:i + self.score_chunk])))
+            for z_p, c in zip(self._teacher_logits[level], chunks):
+                total += float(torch.linalg.matrix_norm(z_p - run.student(c.to(run.device))))
         return total
 
     def select_level(self, run: TrainingRun) -> int:
@@ -84,7 +82,7 @@ class DiffDFQDistiller(KDDistiller):
             self.select_level(run)
         level = run.extra["level"]
         x, (y,) = sample_batch(self.level_images(level), self.batch_size, run.rng(step), self.augment,
-                               (self._labels,))
+                               (self._labels,), device=run.device)
         z_p = run.teacher_logits(x)
         loss, parts = self.student_loss(run.student(x), z_p, y)
         run.update_student(loss)

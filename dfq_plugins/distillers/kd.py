@@ -100,8 +100,8 @@ class KDDistiller(Distiller):
     def generator_images(self, run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = run.rng(step, salt=1)
         gen = run.trainables["generator"].module.train()
-        y = torch.randint(0, run.teacher.spec.num_classes, (self.batch_size,), generator=g)
-        z = torch.randn(self.batch_size, gen.code_dim(), generator=g)
+        y = torch.randint(0, run.teacher.spec.num_classes, (self.batch_size,), generator=g).to(run.device)
+        z = torch.randn(self.batch_size, gen.code_dim(), generator=g).to(run.device)
         return gen(z, y), y
 
     def gdfq_generator_step(self, run: TrainingRun, x: torch.Tensor, y: torch.Tensor,
@@ -121,7 +121,8 @@ class KDDistiller(Distiller):
             x, y = self.generator_images(run, step)
             x, z_p = self.gdfq_generator_step(run, x, y, losses)
         else:
-            x, (y,) = sample_batch(self._images, self.batch_size, run.rng(step), self.augment, (self._labels,))
+            x, (y,) = sample_batch(self._images, self.batch_size, run.rng(step), self.augment, (self._labels,),
+                                   device=run.device)
             z_p = run.teacher_logits(x)
         loss, parts = self.student_loss(run.student(x), z_p, y)
         run.update_student(loss)

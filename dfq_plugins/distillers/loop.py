@@ -80,6 +80,7 @@ class TrainingRun:
         self.workdir = None if workdir is None else Path(workdir)
         self.key = key
         self.progress = progress
+        self.device = teacher.device  # where the student and generators compute; draws stay on the CPU
         self.trainables: dict[str, Trainable] = {}
         self.extra: dict[str, Any] = {}  # small JSON state of the distiller (e.g. DiffDFQ's level)
         self.step = 0
@@ -121,7 +122,9 @@ class TrainingRun:
         self.trainables["student"] = Trainable(self.student, opt)
 
     def add_generator(self, name: str, module: nn.Module, lr: float, betas: tuple[float, float] = (0.5, 0.999)) -> None:
-        """A generator trained alongside the student (Adam, GDFQ's betas, the student's schedule)."""
+        """A generator trained alongside the student (Adam, GDFQ's betas, the student's schedule),
+        initialised on the CPU (the same weights on every device), then moved to the teacher's device."""
+        module.to(self.device)
         self.trainables[name] = Trainable(module, torch.optim.Adam(module.parameters(), lr=lr, betas=betas))
 
     # -- per-step helpers ---------------------------------------------------------------------

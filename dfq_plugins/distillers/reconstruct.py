@@ -103,7 +103,9 @@ class ReconstructDistiller(Distiller):
         toolchain.make_ranges_learnable(student)
         blocks = find_blocks(student)
         ranges = {id(p) for p in learned_range_parameters(student)}
-        images = source.images.float()
+        from ..device import module_device
+
+        images = source.images.float().to(module_device(student))  # block inputs/outputs live where the student is
         path = None if workdir is None else Path(workdir) / "checkpoint.safetensors"
         done, elapsed = 0, 0.0
         shadow = _fp_shadow(student)  # before a checkpoint is loaded: the reference keeps the FP weights
@@ -165,7 +167,7 @@ class ReconstructDistiller(Distiller):
             idx = torch.randint(0, n, (min(self.batch_size, n),), generator=g)
             x = q_in[idx]
             if self.qdrop > 0:
-                keep_fp = torch.rand(x.shape, generator=g) < self.qdrop
+                keep_fp = (torch.rand(x.shape, generator=g) < self.qdrop).to(x.device)
                 x = torch.where(keep_fp, fp_in[idx], x)
             loss = F.mse_loss(runner(x), fp_out[idx])
             opt.zero_grad(set_to_none=True)

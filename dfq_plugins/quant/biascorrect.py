@@ -72,18 +72,22 @@ class _MeanShift(fx.Interpreter):
         return out
 
 
-def _image_batches(calibration_set: CalibrationSet) -> Iterator[torch.Tensor]:
+def _image_batches(calibration_set: CalibrationSet, model: nn.Module) -> Iterator[torch.Tensor]:
+    """The set's image batches on ``model``'s device."""
+    from ..device import module_device
+
+    device = module_device(model)
     for batch in calibration_set:
         x = batch[0] if isinstance(batch, tuple) else batch
         if isinstance(x, dict):
             raise TypeError("bias correction needs positional image batches")
-        yield x
+        yield x.to(device)
 
 
 def _graph_shifts(gm: fx.GraphModule, layers: list[WeightedLayer],
                   calibration_set: CalibrationSet) -> dict[fx.Node, torch.Tensor]:
     interp = _MeanShift(gm, layers)
-    for x in _image_batches(calibration_set):
+    for x in _image_batches(calibration_set, gm):
         interp.run(x)
     return {node: interp.sums[node] / interp.counts[node] for node in interp.sums}
 
@@ -139,7 +143,7 @@ def standardized_input_means(model: nn.Module, names: set[str],
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad(), batch_statistics(model):
-            for x in _image_batches(calibration_set):
+            for x in _image_batches(calibration_set, model):
                 if x.shape[0] < 2:
                     raise ValueError("bias correction with BatchNorm statistics needs batches of at least 2 images")
                 model(x)

@@ -75,6 +75,8 @@ class SynthesisAugment:
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """The stored image: smoothed like the teacher saw it, without the random parts."""
         k = self.kernel(x.shape[1])
+        if k is not None and k.device != x.device:
+            k = self._kernel = k.to(x.device)
         return smooth(x, k) if k is not None else x
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

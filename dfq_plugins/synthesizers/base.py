@@ -78,17 +78,21 @@ class Synthesizer:
 
 @torch.no_grad()
 def teacher_soft_labels(teacher: Teacher, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([teacher(images[i:i + chunk]).softmax(1) for i in range(0, images.shape[0], chunk)])
+    """The teacher's softmax on ``images``, computed where the teacher is, returned on the CPU."""
+    device = teacher.device
+    return torch.cat([teacher(images[i:i + chunk].to(device)).softmax(1).cpu()
+                      for i in range(0, images.shape[0], chunk)])
 
 
 @torch.no_grad()
 def teacher_features(teacher: Teacher, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """The classifier's input features (pooled penultimate activations) of ``images``."""
     store: list[torch.Tensor] = []
+    device = teacher.device
     with teacher.penultimate_features(store):
         for i in range(0, images.shape[0], chunk):
-            teacher(images[i:i + chunk])
-    return torch.cat(store).flatten(1)
+            teacher(images[i:i + chunk].to(device))
+    return torch.cat(store).flatten(1).cpu()
 
 
 def seeded_generator(seed: int, salt: int = 0) -> torch.Generator:

@@ -47,7 +47,7 @@ class DynaDFQSynthesizer(OptimizingSynthesizer):
         super().__post_init__()
 
     def prepare(self, teacher: Teacher, seed: int) -> None:
-        self.sim = class_similarity(teacher.classifier().weight, self.similarity)
+        self.sim = class_similarity(teacher.classifier().weight.detach().cpu(), self.similarity)
 
     def batch_targets(self, teacher: Teacher, n: int, seed: int, index: int) -> Targets:
         if not hasattr(self, "sim"):

@@ -50,18 +50,20 @@ class GeneratorCanvas:
     """A generator and its latent batch are the parameters; the images are G(z)."""
 
     def __init__(self, synth: GenieSynthesizer, shape: tuple[int, int, int], n: int, g: torch.Generator,
-                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 device: torch.device | None = None) -> None:
+        device = device or torch.device("cpu")
         with torch.random.fork_rng(devices=[]):  # a reproducible init that leaves the global RNG alone
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=g)))
-            self.gen = GenieGenerator(synth.latent_dim, shape, synth.generator_width).train()
-        self.z = torch.randn((n, synth.latent_dim), generator=g).requires_grad_(True)
+            self.gen = GenieGenerator(synth.latent_dim, shape, synth.generator_width).train().to(device)
+        self.z = torch.randn((n, synth.latent_dim), generator=g).to(device).requires_grad_(True)
         self.opt_z = make_optimizer(synth.optimizer, [self.z], synth.lr)
         self.opt_g = make_optimizer(synth.optimizer, list(self.gen.parameters()), synth.generator_lr)
         self.sched_z = make_scheduler(synth.scheduler, self.opt_z, synth.iterations, synth.plateau_patience,
                                       synth.min_lr)
         self.sched_g = torch.optim.lr_scheduler.StepLR(self.opt_g, step_size=synth.generator_lr_step, gamma=0.95)
         self.channels_last = synth.uses_channels_last_shape(shape)
-        self.bounds = bounds
+        self.bounds = None if bounds is None else tuple(b.to(device) for b in bounds)
 
     def render(self) -> torch.Tensor:
         """G(z), clamped to valid pixels inside the graph when clipping is on: otherwise the
@@ -135,7 +137,8 @@ class GenieSynthesizer(OptimizingSynthesizer):
         return self.channels_last if self.channels_last is not None else shape[-1] * shape[-2] >= 64 * 64
 
     def make_canvas(self, teacher: Teacher, n: int, g: torch.Generator) -> Any:
-        return GeneratorCanvas(self, teacher.spec.shape, n, g, teacher.spec.bounds() if self.clip else None)
+        return GeneratorCanvas(self, teacher.spec.shape, n, g, teacher.spec.bounds() if self.clip else None,
+                               teacher.device)
 
     def optimize_batch(self, teacher: Teacher, n: int, seed: int, index: int, bar: Any,
                        targets: Any = None) -> torch.Tensor:

@@ -49,10 +49,12 @@ class IntraQSynthesizer(OptimizingSynthesizer):
         terms = {"target": self.target_weight * (p_target - targets.target_prob).pow(2).mean()}
         if self.hinge_weight and features is not None:
             if getattr(self, "_centres_of", (None,))[0] is not targets:  # once per batch, not per step
-                self._centres_of = (targets, *self.memory.centres(targets.labels))
+                centres, known = self.memory.centres(targets.labels.cpu())  # the memory lives on the CPU
+                self._centres_of = (targets, None if centres is None else centres.to(features.device),
+                                    known.to(features.device))
             _, centres, known = self._centres_of
             terms["hinge"] = self.hinge_weight * cosine_hinge(features, centres, known, self.m_low, self.m_up)
         return terms
 
     def after_batch(self, teacher: Teacher, images: torch.Tensor, targets: Targets | None) -> None:
-        self.memory.update(teacher_features(teacher, images), targets.labels)
+        self.memory.update(teacher_features(teacher, images), targets.labels.cpu())

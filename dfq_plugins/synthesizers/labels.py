@@ -23,6 +23,10 @@ class Targets:
     target_prob: torch.Tensor  # (N,) probability the soft target puts on ``labels``
     hard_mask: torch.Tensor  # (N,) bool: sample was asked to be hard (ambiguous)
 
+    def to(self, device: torch.device) -> Targets:
+        """The same targets on ``device`` (drawn on the CPU, used where the teacher computes)."""
+        return Targets(*(t.to(device) for t in (self.labels, self.soft, self.target_prob, self.hard_mask)))
+
 
 def uniform_labels(n: int, num_classes: int, g: torch.Generator) -> torch.Tensor:
     return torch.randint(0, num_classes, (n,), generator=g)

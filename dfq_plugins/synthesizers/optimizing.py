@@ -70,7 +70,7 @@ class PixelCanvas:
         self.opt = make_optimizer(synth.optimizer, [self.x], synth.lr)
         self.sched = make_scheduler(synth.scheduler, self.opt, synth.iterations, synth.plateau_patience,
                                     synth.min_lr)
-        self.bounds = bounds
+        self.bounds = None if bounds is None else tuple(b.to(x.device) for b in bounds)
 
     def render(self) -> torch.Tensor:
         return self.x
@@ -173,7 +173,7 @@ class OptimizingSynthesizer(Synthesizer):
 
     def make_canvas(self, teacher: Teacher, n: int, g: torch.Generator) -> Any:
         spec = teacher.spec
-        x = self._init_images(n, spec.shape, g)
+        x = self._init_images(n, spec.shape, g).to(teacher.device)  # drawn on the CPU: same start on any device
         if self.clip:
             x = spec.clip(x)
         if self.uses_channels_last(spec):
@@ -228,6 +228,8 @@ class OptimizingSynthesizer(Synthesizer):
         g = seeded_generator(seed, salt=index + 1)
         if targets is None:
             targets = self.batch_targets(teacher, n, seed, index)
+        if targets is not None:
+            targets = targets.to(teacher.device)
         canvas = self.make_canvas(teacher, n, g)
         bn_modules = [m for _, m in teacher.bn_layers()]
         recorder = BNStatsRecorder(bn_modules, self.statistic, self.bn_per_sample)
@@ -276,7 +278,7 @@ class OptimizingSynthesizer(Synthesizer):
                             break
         with torch.no_grad():
             final = self.augment.finalize(canvas.result())
-            return teacher.spec.clip(final) if self.clip else final
+            return (teacher.spec.clip(final) if self.clip else final).cpu()
 
     # -- helpers ------------------------------------------------------------------------------
     def uses_channels_last(self, spec) -> bool:

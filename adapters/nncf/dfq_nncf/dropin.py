@@ -23,7 +23,9 @@ def _synthetic_dataset(model: nn.Module, source: str | dict[str, Any], input_spe
 
     cs = synthesize(model, source, input_spec=input_spec, num_samples=num_samples, batch_size=batch_size,
                     seed=seed, cache=cache, progress=progress)
-    return cs.as_nncf()
+    from dfq_plugins.device import module_device
+
+    return cs.as_nncf(module_device(model))  # batches go where the model is
 
 
 def quantize(model: nn.Module, calibration_dataset: Any = None, *, source: str | dict[str, Any] | None = None,

@@ -71,7 +71,7 @@ def search_weight_scales(model: nn.Module, p: float = LP_NORM) -> int:
             if not hasattr(quantizer, "scale") or type(quantizer).__name__ != "SymmetricQuantizer":
                 continue
             s0 = quantizer.scale.detach().clone()
-            best_err = torch.full((weight.shape[0],), float("inf"))
+            best_err = torch.full((weight.shape[0],), float("inf"), device=weight.device)
             best = s0.clone()
             for shrink in SHRINK_GRID:
                 _set_scale(quantizer, s0 * shrink)

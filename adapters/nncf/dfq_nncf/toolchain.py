@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from dfq_plugins.data import CalibrationSet
+from dfq_plugins.device import module_device
 from dfq_plugins.errors import UnsupportedSchemeError
 from dfq_plugins.scheme import QuantScheme
 from dfq_plugins.toolchain import Toolchain, private_copy
@@ -167,7 +168,7 @@ class NNCFToolchain(Toolchain):
         if prepared.scheme.act_bits < 8:
             kwargs["ignored_scope"] = with_pooling_ignored(kwargs.get("ignored_scope"))
         try:
-            quantized = nncf.quantize(prepared.model, calibration_set.as_nncf(), **kwargs)
+            quantized = nncf.quantize(prepared.model, calibration_set.as_nncf(module_device(prepared.model)), **kwargs)
         except ValueError as exc:
             if "incompatible" not in str(exc):
                 raise
