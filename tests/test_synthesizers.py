@@ -171,3 +171,15 @@ def test_real_source_reads_a_dataloader(tiny):
     q = dfq_plugins.quantize(model, toolchain="torch-ao-fx", source="real", data=loader, input_spec=spec,
                              num_samples=16, progress=False)
     assert q(images[:2]).shape == (2, 4)
+
+
+def test_real_source_reads_a_dataloader_of_images_only(tiny):
+    """A TensorDataset of images alone yields one-element lists, not (images, labels)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, spec = tiny
+    images = torch.randn(20, *spec.shape)
+    cs = dfq_plugins.synthesize(model, "real", input_spec=spec, num_samples=12,
+                                data=DataLoader(TensorDataset(images), batch_size=8), progress=False)
+    rows = [int((images == row).all(dim=(1, 2, 3)).nonzero()) for row in cs.images]
+    assert cs.num_samples == 12 and all(r < 16 for r in rows) and len(set(rows)) == 12

@@ -45,7 +45,10 @@ def real_images(data: Any, wanted: int) -> tuple[torch.Tensor, torch.Tensor | No
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     for batch in data:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if isinstance(batch, (tuple, list)):  # (images, labels), or [images] from a TensorDataset of images
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            x, y = batch, None
         if isinstance(x, dict) or not isinstance(x, torch.Tensor):
             raise TypeError(f"source 'real': a batch of the iterable is a {type(x).__name__}; it should be an image "
                             "tensor (N, C, H, W) or (images, labels)")
