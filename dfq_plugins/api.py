@@ -187,7 +187,12 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
         student = chain.quantize(model, q_scheme, cs, trainable=True)
         student = run_distillers(distillers, model, spec, student, cs, chain, q_scheme, seed=seed, cache=cache,
                                  progress=progress)
-        return student if trainable else chain.convert(student)
+        if trainable:
+            return student
+        from .toolchain import stamp
+
+        return stamp(chain.convert(student), chain, chain.resolve_scheme(q_scheme, True), cs,
+                     "+".join(d.name for d in distillers))
 
 
 def make_distiller(distill: str | dict[str, Any], steps: int | None = None) -> Any:

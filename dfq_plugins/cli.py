@@ -24,7 +24,7 @@ SPEC_KEYS = ["input_shape", "mean", "std", "num_classes", "pixel_range"]  # a cu
 COMMAND_KEYS: dict[str, list[str]] = {
     "synthesize": ["model", "source", "images", "seed", "batch_size", "out", "data", "device", *SPEC_KEYS],
     "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps",
-                 "data", "test_dir", "device", *SPEC_KEYS],
+                 "data", "test_dir", "device", "export", *SPEC_KEYS],
     "bench": ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json", "md", "test_limit",
               "distill", "steps", "rows", "row_seeds", "device"],
     "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
@@ -244,6 +244,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import evaluate, make_toolchain
     from .scheme import QuantScheme
 
+    if args.save:
+        raise DFQError("--save wrote a pickle (torch.save), which runs code when loaded, and was removed; use "
+                       "--export PATH.pt2 (torch-ao-fx below 8 bits, torchao-pt2e) or PATH.xml (nncf, OpenVINO IR): "
+                       "a deployable artefact with a JSON sidecar, loaded back by dfq run / dfq_plugins.deploy.load")
     s = _settings(args, "quantize")
     scheme = QuantScheme.parse(s["scheme"])
     chain = make_toolchain({"name": s["toolchain"], **s["toolchains"].get(s["toolchain"], {})})
@@ -272,7 +276,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               "(checkpointed: Ctrl-C and rerun to resume)")
         student = run_distillers(distillers, model, spec, student, cs, chain, scheme, seed=int(s["seed"]),
                                  progress=not args.quiet)
-        q = chain.convert(student)
+        from .toolchain import stamp
+
+        q = stamp(chain.convert(student), chain, ran, cs, "+".join(d.name for d in distillers))
     else:
         q = chain.quantize(model, scheme, cs)
     print(f"quantized with {s['toolchain']} at {ran.name} in {time.perf_counter() - t:.1f}s -> "
@@ -291,16 +297,77 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except AssetsMissingError as exc:
         print(f"no accuracy check: {exc}")
         test = None
+    record: dict[str, Any] = {"model": s["model"]}
     if test is not None:
         fp, acc = evaluate(model, test.images, test.labels), evaluate(q, test.images, test.labels)
         print(f"top-1 on {test.name} ({len(test)} real images): full precision {fp:.2f}%, "
               f"{ran.name} {acc:.2f}% ({acc - fp:+.2f})")
-    if args.save:
-        import torch
+        record.update({"top1": round(acc, 2), "fp_top1": round(fp, 2), "testset": test.name})
+    if s.get("export"):
+        from .deploy import export
 
-        path = Path(args.save)
-        torch.save(q.state_dict(), path)
-        print(f"saved the quantized model's state_dict to {path}")
+        path = export(q, s["export"], input_spec=spec, toolchain=s["toolchain"], record=record)
+        print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) with its sidecar {path.name}.json; "
+              f"check it with: dfq run {path}")
+    return 0
+
+
+def cmd_deploy_bench(args: argparse.Namespace) -> int:
+    from .bench.deploy import DeployPlan, deploy_report, run_deploy_bench
+    from .io import atomic_write_text
+
+    plan = DeployPlan(model=args.model, sources=split_list(args.source), toolchains=split_list(args.toolchain),
+                      scheme=args.scheme, images=args.images, seed=args.seed, test_limit=args.test_limit,
+                      rounds=args.rounds, threads=args.threads)
+    json_path = Path(args.json)
+    state = run_deploy_bench(plan, json_path, progress=not args.quiet)
+    table = deploy_report(state)
+    atomic_write_text(json_path.with_suffix(".md"), table + "\n")
+    print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load an exported artefact (sidecar checked), report top-1 and, with --latency, latency."""
+    import torch
+
+    from .api import evaluate
+    from .deploy import load
+    from .deploy.latency import time_alternately
+
+    torch.set_num_threads(args.threads)
+    deployed = load(args.path, threads=args.threads)
+    info = deployed.info
+    print(f"{args.path}: {info['format']} from {info.get('toolchain')} at {info.get('scheme')}, calibrated on "
+          f"{info.get('calibration_images')} '{info.get('source')}' images (hash {info.get('calibration_hash')}); "
+          f"sha256 verified")
+    runner = deployed.compiled() if args.compile else deployed
+    spec = deployed.input_spec
+    test = None
+    if args.test_dir:
+        from .imagefolder import load_image_folder
+
+        test = load_image_folder(args.test_dir, spec)
+    else:
+        name = args.model or info.get("model")
+        entry = plugins.get("models", name).obj if name and not is_custom_model(name) else None
+        if entry is None:
+            print("no accuracy check: no named model's test set (give one with --model NAME or --test-dir DIR)")
+        try:
+            test = entry.test_set() if entry is not None and entry.test_set else None
+        except AssetsMissingError as exc:
+            print(f"no accuracy check: {exc}")
+    if test is not None:
+        images, labels = test.images[: args.test_limit], test.labels[: args.test_limit]
+        acc = evaluate(runner, images, labels, batch_size=32)
+        recorded = info.get("top1")
+        print(f"top-1 on {test.name} ({len(labels)} images, {runner.backend}): {acc:.2f}%"
+              + (f" (recorded at export: {recorded:.2f}%)" if recorded is not None else ""))
+    if args.latency:
+        for batch in (1, 32):
+            x = torch.randn(batch, *spec.shape)
+            ms = time_alternately({runner.backend: runner}, x, rounds=args.rounds)[runner.backend]
+            print(f"latency at batch {batch}, {args.threads} threads: median {ms:.2f} ms ({args.rounds} runs)")
     return 0
 
 
@@ -475,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--source", help="data source (default zeroq), or a set saved by dfq synthesize --out "
                     "(PATH.safetensors)")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--save", help="write the quantized model's state_dict here")
+    sp.add_argument("--export", help="write a deployable artefact: PATH.pt2 (torchao-pt2e; torch-ao-fx below "
+                    "8 bits) or PATH.xml (nncf: OpenVINO IR), plus PATH.json (scheme, source, hashes, top-1)")
+    sp.add_argument("--save", help=argparse.SUPPRESS)  # removed: it wrote a pickle; says so
     sp.add_argument("--test-dir", dest="test_dir", help="evaluate on your images: one sub-folder per class, "
                     "classes sorted by name = label 0, 1, ...")
     sp.add_argument("--distill", help="fine-tune the calibrated student: kd, adadfq, causal, diffdfq, reconstruct, "
@@ -529,6 +598,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="write the record here (and .md, .png beside it)")
     sp.add_argument("--test-limit", dest="test_limit", type=int, help="evaluate on the first N test images only")
     sp.set_defaults(func=cmd_dynamic)
+
+    sp = sub.add_parser("deploy-bench", help="export, reload and time int8 artefacts (PT2E + Inductor, NNCF + "
+                        "OpenVINO) against FP32; JSON record and Markdown table")
+    sp.add_argument("--model", default=DEFAULTS["model"])
+    sp.add_argument("--source", default="zeroq,real", help="comma-separated sources (default zeroq,real)")
+    sp.add_argument("--toolchain", default="torchao-pt2e,nncf")
+    sp.add_argument("--scheme", default="w8a8")
+    sp.add_argument("--images", type=int, default=256)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--test-limit", dest="test_limit", type=int)
+    sp.add_argument("--rounds", type=int, default=20, help="timed rounds per batch size")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--json", required=True, help="record (resumed if it exists); .md beside it")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_deploy_bench)
+
+    sp = sub.add_parser("run", help="load an exported artefact (sidecar checked, no pickle); top-1 and latency")
+    sp.add_argument("path", help="the .pt2 or .xml written by dfq quantize --export")
+    sp.add_argument("--model", help="evaluate on this model plugin's test set (default: the one it was made for)")
+    sp.add_argument("--test-dir", dest="test_dir", help="evaluate on your images: one sub-folder per class")
+    sp.add_argument("--test-limit", dest="test_limit", type=int, help="the first N test images only")
+    sp.add_argument("--compile", action="store_true", help="pt2: run through torch.compile (x86 Inductor int8 kernels)")
+    sp.add_argument("--latency", action="store_true", help="median latency at batch 1 and 32")
+    sp.add_argument("--rounds", type=int, default=20, help="timed runs per batch size (default 20)")
+    sp.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("cache", help="what the cache holds: path, list, show NAME, clear [calibration|distill|all]")
     sp.add_argument("action", choices=["path", "list", "show", "clear"])

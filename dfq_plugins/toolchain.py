@@ -136,13 +136,31 @@ class Toolchain:
         prepared = self.prepare(model, scheme, example, trainable=trainable)
         prepared = self.calibrate(prepared, calibration_set)
         if trainable:
-            return prepared
+            return stamp(prepared, self, ran, calibration_set)
         if ran.corrects_biases:
             from .quant.biascorrect import correct_biases
 
             correct_biases(prepared, self.bias_correction_layers(prepared), calibration_set,
                            standardize_with=model if ran.bias_correction == "bn" else None)
-        return self.convert(prepared)
+        return stamp(self.convert(prepared), self, ran, calibration_set)
+
+
+def stamp(model: Any, toolchain: Toolchain, scheme: QuantScheme, calibration_set: CalibrationSet,
+          distill: str | None = None) -> Any:
+    """Record on a quantized model how it was made (``export`` writes it into the sidecar)."""
+    m = calibration_set.manifest
+    info = {"toolchain": toolchain.name, "scheme": scheme.name, "source": m.get("method"),
+            "calibration_images": calibration_set.num_samples, "calibration_seed": m.get("seed"),
+            "calibration_hash": calibration_set.content_hash()[:16]}
+    if m.get("input_spec") is not None:
+        info["input_spec"] = m["input_spec"]
+    if distill is not None:
+        info["distill"] = distill
+    try:
+        model._dfq_info = info
+    except (AttributeError, TypeError):  # a model type that takes no attributes: export asks for the spec
+        pass
+    return model
 
 
 def _observing(module: nn.Module) -> bool:

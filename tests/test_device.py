@@ -13,9 +13,9 @@ from dfq_plugins.device import module_device, resolve_device, to_device
 from dfq_plugins.distillers.batches import sample_batch, shift_flip
 from dfq_plugins.errors import DeviceError
 from dfq_plugins.synthesizers.augment import SynthesisAugment
-from dfq_plugins.synthesizers.zeroq import ZeroQSynthesizer
 from dfq_plugins.synthesizers.genie import GenieSynthesizer
 from dfq_plugins.synthesizers.labels import target_probability_targets
+from dfq_plugins.synthesizers.zeroq import ZeroQSynthesizer
 from dfq_plugins.teacher import Teacher
 from tests.conftest import TINY_SPEC
 
@@ -93,7 +93,7 @@ def test_synthesis_pieces_stay_on_the_teachers_device(tiny):
 def test_distillation_batches_are_drawn_on_the_cpu_and_moved():
     images, labels = torch.randn(10, 3, 8, 8), torch.arange(10)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    x_cpu, (y_cpu,) = sample_batch(images, 6, g1, "shift_flip", (labels,))
+    x_cpu, (_,) = sample_batch(images, 6, g1, "shift_flip", (labels,))
     x_meta, (y_meta,) = sample_batch(images, 6, g2, "shift_flip", (labels,), device=META)
     assert x_meta.device == y_meta.device == META and x_meta.shape == x_cpu.shape
     assert g1.get_state().equal(g2.get_state())  # the same draws, whatever the device

@@ -27,9 +27,9 @@ def net(tmp_path):
 
 
 def test_quantize_your_own_model_file(net, tmp_path, capsys):
-    out = tmp_path / "q.pt"
+    out = tmp_path / "q.pt2"
     assert main(["quantize", "--model", net, *SPEC, "--images", "16", "--set", "zeroq.iterations=3", "--device", "cpu",
-                 "--save", str(out), "--quiet"]) == 0
+                 "--scheme", "w4a8", "--export", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "input (3, 16, 16), 5 classes" in text and "no accuracy check: your own model" in text
     assert out.stat().st_size > 0

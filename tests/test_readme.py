@@ -18,7 +18,7 @@ from dfq_plugins.distillers.base import Distiller
 from dfq_plugins.synthesizers.optimizing import OptimizingSynthesizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCK = re.compile(r"(<!-- readme-test: skip[^>]*-->\n)?```python\n(.*?)```", re.S)
+BLOCK = re.compile(r"(<!-- readme-test: skip[^>]*-->\n)?```python\n(.*?)```", re.DOTALL)
 
 
 def python_blocks() -> list[str]:
@@ -59,7 +59,7 @@ def test_every_readme_python_block_runs_as_written(small_budgets):
     namespace: dict = {"__name__": "readme"}
     for i, block in enumerate(python_blocks()):
         try:
-            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)  # noqa: S102 (our own README)
         except Exception as exc:
             raise AssertionError(f"README python block {i + 1} fails: {type(exc).__name__}: {exc}\n{block}") from exc
     assert namespace["logits"].shape == (8, 10)

@@ -88,8 +88,8 @@ def test_a_budget_inside_the_warm_up_is_refused_before_any_work(no_work, capsys)
     assert "--distill-set adadfq.warmup_steps=6" in err
 
 
-def test_save_still_happens_when_the_test_images_are_missing(tmp_path, capsys):
-    """The accuracy check is skipped (and says why); the quantized model is saved all the same."""
+def test_export_still_happens_when_the_test_images_are_missing(tmp_path, capsys):
+    """The accuracy check is skipped (and says why); the quantized model is exported all the same."""
     from dfq_plugins import hookimpl
     from dfq_plugins.errors import AssetsMissingError
     from dfq_plugins.models.base import ModelDef
@@ -106,9 +106,9 @@ def test_save_still_happens_when_the_test_images_are_missing(tmp_path, capsys):
 
     plugins.register_plugin(NoTestSet(), name="no-test-set")
     try:
-        out = tmp_path / "q.pt"
+        out = tmp_path / "q.pt2"
         assert main(["quantize", "--model", "tiny-no-test", "--source", "noise", "--images", "8",
-                     "--save", str(out), "--quiet"]) == 0
+                     "--toolchain", "torchao-pt2e", "--export", str(out), "--quiet"]) == 0
     finally:
         plugins.unregister_plugin("no-test-set")
     assert "no accuracy check: no test images here" in capsys.readouterr().out
