@@ -72,8 +72,9 @@ def run_deploy_bench(plan: DeployPlan, json_path: Path, log: Callable[[str], Non
     model.eval()
     test = entry.test_set()
     images, labels = test.images[: plan.test_limit], test.labels[: plan.test_limit]
-    state["setup"] = {"model": plan.model, "testset": test.name if not plan.test_limit else
-                      f"{test.name}[:{plan.test_limit}]", "scheme": plan.scheme, "images": plan.images,
+    limited = plan.test_limit is not None and plan.test_limit < len(test.labels)
+    state["setup"] = {"model": plan.model, "testset": f"{test.name}[:{plan.test_limit}]" if limited else test.name,
+                      "scheme": plan.scheme, "images": plan.images,
                       "seed": plan.seed, "threads": plan.threads, "torch": torch.__version__}
 
     def save() -> None:

@@ -120,7 +120,11 @@ def _export_pt2(qmodel: nn.Module, path: Path, example: torch.Tensor) -> None:
                 if packed else "check that the model is traceable by torch.export")
         raise ExportError(f"torch.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                           f"{hint}") from exc
-    atomic_write(path, lambda p: torch.export.save(program, str(p)))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: torch.export.save warns on a temp name not ending in .pt2
+            torch.export.save(program, f)
+
+    atomic_write(path, write)
 
 
 def _export_openvino(qmodel: nn.Module, path: Path, example: torch.Tensor) -> None:
