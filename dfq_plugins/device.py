@@ -8,6 +8,7 @@ and caches always hold CPU tensors.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,18 +21,12 @@ AUTO = "auto"
 
 
 def module_device(model: Any) -> torch.device:
-    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
-    for t in (*_first(getattr(model, "parameters", None)), *_first(getattr(model, "buffers", None))):
-        return t.device
-    return torch.device("cpu")
-
-
-def _first(method: Any) -> list[torch.Tensor]:
-    if method is None:
-        return []
-    for t in method():
-        return [t]
-    return []
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither
+    (or for a callable that is not a module, such as a loaded OpenVINO artefact)."""
+    if not isinstance(model, nn.Module):
+        return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def model_devices(model: nn.Module) -> set[torch.device]:

@@ -135,8 +135,8 @@ class Toolchain:
         self.check_bias_correction(ran, trainable)
         prepared = self.prepare(model, scheme, example, trainable=trainable)
         prepared = self.calibrate(prepared, calibration_set)
-        if trainable:
-            return stamp(prepared, self, ran, calibration_set)
+        if trainable:  # a student to fine-tune, not an artefact: quantize() stamps what convert() returns
+            return prepared
         if ran.corrects_biases:
             from .quant.biascorrect import correct_biases
 

@@ -22,6 +22,7 @@ import torch
 from .. import plugins
 from ..api import evaluate, make_toolchain, synthesize
 from ..deploy import export, load
+from ..deploy.artifact import inductor_compiled
 from ..deploy.latency import time_alternately
 from ..io import atomic_write_text
 from ..scheme import QuantScheme
@@ -47,13 +48,6 @@ class DeployPlan:
 
 def _top1(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> float:
     return round(evaluate(fn, images, labels, batch_size=32), 2)
-
-
-def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    return torch.compile(model)
 
 
 def run_deploy_bench(plan: DeployPlan, json_path: Path, log: Callable[[str], None] = print,
@@ -140,7 +134,7 @@ def measure_latency(plan: DeployPlan, model: torch.nn.Module, spec: Any, out_dir
     """Median ms per runner and batch size, all runners alternating within each round."""
     source = plan.sources[0]
     runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"fp32 eager": model}
-    runners["fp32 inductor"] = _compiled(model)
+    runners["fp32 inductor"] = inductor_compiled(model)
     if "torchao-pt2e" in plan.toolchains:
         runners["int8 pt2e inductor"] = load(out_dir / f"{source}-torchao-pt2e.pt2").compiled()
     if "nncf" in plan.toolchains:

@@ -212,11 +212,17 @@ class Deployed:
         kernels on CPU. The first call compiles (tens of seconds)."""
         if self.module is None:
             raise ExportError(f"{self.info['format']} artefacts run on their own runtime already")
-        import torch._inductor.config as inductor_config
+        return Deployed(self.path, self.info, _no_grad(inductor_compiled(self.module), quiet=True), self.module,
+                        "inductor")
 
-        inductor_config.freezing = True  # int8 weight prepacking needs frozen constants
-        fn = torch.compile(self.module)
-        return Deployed(self.path, self.info, _no_grad(fn, quiet=True), self.module, "inductor")
+
+def inductor_compiled(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` for CPU inference: x86 Inductor with frozen constants (int8 weight
+    prepacking needs them; FP32 gains from it too)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(module)
 
 
 def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor], quiet: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
