@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import plugins
+from . import distributed, plugins
 from .data import CalibrationSet
 from .device import module_device, placed, resolve_device
 from .io import cache_root, entry_lock, short_hash, writable_folder
@@ -120,16 +120,24 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    world = distributed.init_from_env(dev)
     with placed(model, dev), borrowed_teacher(model, spec) as teacher:
         path = calibration_cache_path(teacher, synth, num_samples, seed) if cache and synth.cacheable else None
         if path is None:
             return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, None)
-        _adopt_legacy_set(teacher, synth, num_samples, seed, path)
-        if not path.exists():
-            writable_folder(path.parent)  # a clear error now, not after minutes of synthesis
-            with entry_lock(path, f"{synth.name} set"):  # an identical run elsewhere: wait, then reuse its set
-                if not path.exists():
+        if world.is_main:
+            _adopt_legacy_set(teacher, synth, num_samples, seed, path)
+        if not distributed.agree(path.exists(), world):
+            if world.is_main:
+                writable_folder(path.parent)  # a clear error now, not after minutes of synthesis
+            # an identical run elsewhere: wait, then reuse its set (rank 0 waits for the whole group)
+            with distributed.main_rank_lock(world, entry_lock(path, f"{synth.name} set")):
+                if not distributed.agree(path.exists(), world):
                     return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, path)
+        if not path.exists():
+            raise distributed.DistributedError(
+                f"rank {world.rank} cannot see {path}, which rank 0 has: every rank needs the same cache, so put "
+                "DFQ_CACHE on a filesystem all nodes share")
         cs = load_cached_set(path)
         log.info("reusing the cached %s set %s (%d images)", synth.name, path.name, cs.num_samples)
         return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
@@ -137,20 +145,30 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
 
 def _synthesize_now(synth: Any, teacher: Teacher, num_samples: int, seed: int, batch_size: int, progress: bool,
                     path: Path | None) -> CalibrationSet:
+    """Synthesize; under torch.distributed every rank takes part and returns the whole set, and
+    rank 0 alone writes it (the others wait until it is there)."""
+    world = distributed.current()
     workdir = path.with_suffix(".partial") if path is not None else None
     started = time.perf_counter()
     cs = synth.synthesize(teacher, num_samples, seed=seed, batch_size=batch_size, progress=progress,
                           workdir=workdir)
     cs.manifest["synth_seconds"] = round(time.perf_counter() - started, 3)
     cs.manifest["device"] = str(teacher.device)
-    if path is not None:
-        try:
-            cs.save(path)
-        except OSError as exc:  # the cache went away or read-only during the run: keep the result
-            warnings.warn(f"could not cache the synthesized set at {path} ({type(exc).__name__}: {exc}); "
-                          "it is returned all the same, save it with .save(path)", stacklevel=3)
-            return cs
-        shutil.rmtree(workdir, ignore_errors=True)
+    if world.distributed:
+        cs.manifest["world_size"] = world.size
+    if path is None:
+        return cs
+    try:
+        if world.is_main:
+            try:
+                cs.save(path)
+            except OSError as exc:  # the cache went away or read-only during the run: keep the result
+                warnings.warn(f"could not cache the synthesized set at {path} ({type(exc).__name__}: {exc}); "
+                              "it is returned all the same, save it with .save(path)", stacklevel=3)
+                return cs
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        distributed.barrier(world)
     return cs
 
 
@@ -178,6 +196,7 @@ def quantize(model: nn.Module | str, *, toolchain: str | dict[str, Any] = "torch
     fine_tuned = trainable or distill is not None
     chain.check_bias_correction(chain.resolve_scheme(q_scheme, fine_tuned), fine_tuned)
     distillers = make_distillers(distill, steps) if distill is not None else None
+    distributed.init_from_env(dev)
     with placed(model, dev):
         cs = source if isinstance(source, CalibrationSet) else synthesize(
             model, source, input_spec=spec, num_samples=num_samples, batch_size=batch_size, seed=seed, data=data,
@@ -259,8 +278,11 @@ def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn
         if not cache:
             return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
                                      workdir=None, key=key)
-        writable_folder(workdir.parent)
-        with entry_lock(workdir, f"{distiller.name} run"):  # an identical run elsewhere: wait, then resume from it
+        world = distributed.current()
+        if world.is_main:
+            writable_folder(workdir.parent)
+        # an identical run elsewhere: wait, then resume from it (rank 0 holds the lock for its group)
+        with distributed.main_rank_lock(world, entry_lock(workdir, f"{distiller.name} run")):
             return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,
                                      workdir=workdir, key=key)
 
@@ -291,6 +313,7 @@ def distill(model: nn.Module | str, student: nn.Module, source: CalibrationSet |
     """
     model, spec = resolve_model(model, input_spec)
     dev = resolve_device(device, student)
+    distributed.init_from_env(dev)
     student.to(dev)
     with placed(model, dev):
         return run_distillers(make_distillers(distiller, steps), model, spec, student, source,

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from . import plugins
+from . import distributed, plugins
 from .custom_model import is_custom_model, load_custom_model
 from .errors import AssetsMissingError, DFQError
 from .recipes import apply_overrides, load_recipe, split_list
@@ -32,6 +33,7 @@ COMMAND_KEYS: dict[str, list[str]] = {
     "speed": ["model", "source"],
 }
 DEVICE_COMMANDS = {c for c, keys in COMMAND_KEYS.items() if "device" in keys}
+DISTRIBUTED_COMMANDS = ("synthesize", "quantize", "bench")  # what torchrun can split over processes
 TABLES = {"sources": "synthesizers", "toolchains": "toolchains", "distillers": "distillers"}
 _AT_LEAST = {"images": 1, "batch_size": 1, "seed": 0, "test_limit": 1, "copies": 1, "selector_bits": 1}
 
@@ -228,7 +230,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     cs = _calibration_data(s, model, spec, entry, args.quiet)
     print(f"{s['source']}: {cs.num_samples} samples for {s['model']} in {time.perf_counter() - t:.1f}s "
           f"(hash {cs.content_hash()[:16]})")
-    if s.get("out"):
+    if s.get("out") and distributed.current().is_main:
         print(f"saved {cs.save(s['out'])}")
     return 0
 
@@ -303,7 +305,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"top-1 on {test.name} ({len(test)} real images): full precision {fp:.2f}%, "
               f"{ran.name} {acc:.2f}% ({acc - fp:+.2f})")
         record.update({"top1": round(acc, 2), "fp_top1": round(fp, 2), "testset": test.name})
-    if s.get("export"):
+    if s.get("export") and distributed.current().is_main:
         from .deploy import export
 
         path = export(q, s["export"], input_spec=spec, toolchain=s["toolchain"], record=record)
@@ -394,7 +396,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = bench_report(mine)
     print(table)
     md = s.get("md") or (json_path.with_suffix(".md") if json_path else None)
-    if md:
+    if md and distributed.current().is_main:
         from .io import atomic_write_text
 
         atomic_write_text(Path(md), table + "\n")
@@ -644,14 +646,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_torchrun_group(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group now, and let rank 0 alone print and write."""
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise DFQError(f"under torchrun only {', '.join(DISTRIBUTED_COMMANDS)} run (split over the processes); "
+                       f"run `dfq {args.command}` as one process")
+    from .device import resolve_device
+
+    world = distributed.init_from_env(resolve_device(getattr(args, "device", None)))
+    if not world.is_main:  # one voice: rank 0 reports for the group
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     from .progress import configure_cli_logging
 
-    configure_cli_logging(bool(getattr(args, "quiet", False)))
     try:
+        if distributed.launched_by_torchrun():
+            _join_torchrun_group(args)
+        configure_cli_logging(bool(getattr(args, "quiet", False)))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted: finished batches and bench records are kept; rerun the same command to resume",

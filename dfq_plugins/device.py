@@ -55,6 +55,9 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
         raise DeviceError(f"device={device!r} is not a device name torch knows ({exc}); "
                           "use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
     if dev.type == "cuda":
+        from .distributed import local_device
+
+        dev = local_device(dev)  # under torchrun, plain "cuda" is this rank's GPU
         if not torch.cuda.is_available():
             build = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device or driver is visible"
             raise DeviceError(f"device={device!r} asked for CUDA, but {build}; use device='cpu' "

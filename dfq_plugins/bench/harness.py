@@ -136,10 +136,12 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
             chain.check_scheme(s)
             for trainable in {d is not None for _, d in plan.rows()}:
                 chain.check_bias_correction(chain.resolve_scheme(s, trainable), trainable)
+    from .. import distributed
     from ..device import resolve_device
 
     model, spec = entry.load()
     device = resolve_device(plan.device, model)
+    world = distributed.init_from_env(device)
     model.to(device)
     test = entry.test_set()
     images, labels = test.images, test.labels
@@ -191,7 +193,7 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
             t_syn = time.perf_counter()
             cs = synthesize(model, {"name": source, **config}, input_spec=spec, num_samples=plan.images,
                             batch_size=plan.batch_size, seed=seed, data=pool, progress=progress)
-            if plot_path is not None:
+            if plot_path is not None and world.is_main:
                 write_difficulty_plot(plot_path, model, spec, pool, cs, plan, source, seed)
                 log(f"wrote {plot_path}")
             synth_seconds = float(cs.manifest.get("synth_seconds", time.perf_counter() - t_syn))
@@ -222,13 +224,13 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                             "fp_top1": round(fp_top1, 2), "synth_seconds": round(synth_seconds, 2),
                             "total_seconds": round(synth_seconds + time.perf_counter() - t_run, 2),
                             "peak_rss_mb": round(peak_rss_mb(), 1), "calibration_hash": cs.content_hash()[:16],
-                            "torch": torch.__version__, "device": str(device)})
+                            "torch": torch.__version__, "device": str(device), "world_size": world.size})
                 records.append(rec)
                 done.add(_run_key(rec))
                 extra = "" if distill is None else (f", calibrated {rec['top1_calibrated']:.2f}, "
                                                     f"{rec['distill_steps']} steps in {rec['distill_seconds']:.0f}s")
                 log(f"{tname:13s} {rec['scheme']:6s} {row_name(source, distill):14s} seed {seed}: top-1 {top1:.2f}% "
                     f"(fp {fp_top1:.2f}, synth {synth_seconds:.1f}s{extra})")
-                if json_path is not None:
+                if json_path is not None and world.is_main:  # under torchrun, rank 0 writes for the group
                     atomic_write_text(json_path, json.dumps({"records": records}, indent=1))
     return records

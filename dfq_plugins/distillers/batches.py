@@ -12,24 +12,42 @@ import torch.nn.functional as F
 AUGMENTATIONS = ("shift_flip", "flip", "none")
 
 
+def shift_flip_draws(n: int, g: torch.Generator, pad: int = 4, flip: bool = True) -> dict[str, torch.Tensor]:
+    """The random shifts and flips of ``n`` images, drawn from ``g`` on the CPU."""
+    draws = {"pad": torch.tensor(pad)}
+    if pad > 0:
+        draws["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        draws["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    if flip:
+        draws["flip"] = torch.rand(n, generator=g) < 0.5
+    return draws
+
+
+def apply_shift_flip(x: torch.Tensor, draws: dict[str, torch.Tensor],
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``draws`` applied to ``x``; ``rows``: which of the drawn images ``x``'s rows are (a rank's share)."""
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    n, _, h, w = x.shape
+    pad = int(draws["pad"])
+    if pad > 0:
+        dy, dx = pick(draws["dy"]), pick(draws["dx"])
+        padded = F.pad(x, (pad, pad, pad, pad))
+        rows_idx = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
+        x = padded.gather(2, rows_idx.to(x.device))
+        cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+        x = x.gather(3, cols.to(x.device))
+    if "flip" in draws:
+        mask = pick(draws["flip"])
+        x = torch.where(mask.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
+    return x
+
+
 def shift_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Per-image random crop of the zero-padded image (same size) and random horizontal flip.
 
     The draws come from ``g`` on the CPU, whatever ``x``'s device: the same seed gives the same
     crops everywhere."""
-    n, _, h, w = x.shape
-    if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-        rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pad)
-        x = padded.gather(2, rows.to(x.device))
-        cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-        x = x.gather(3, cols.to(x.device))
-    if flip:
-        mask = torch.rand(n, generator=g) < 0.5
-        x = torch.where(mask.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
-    return x
+    return apply_shift_flip(x, shift_flip_draws(x.shape[0], g, pad, flip))
 
 
 def sample_batch(images: torch.Tensor, size: int, g: torch.Generator, augment: str = "shift_flip",

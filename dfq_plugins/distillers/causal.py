@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from ..losses import kd_loss
-from .batches import shift_flip
+from .batches import apply_shift_flip, shift_flip_draws
 from .kd import OnlineDistiller
 from .loop import TrainingRun
 
@@ -70,11 +70,17 @@ class CausalDFQDistiller(OnlineDistiller):
         k = self.interventions
         contents = self.batch_size // k
         gen = run.trainables["generator"].module.train()
-        y = torch.randint(0, run.teacher.spec.num_classes, (contents,), generator=g).repeat_interleave(k).to(run.device)
+        y = torch.randint(0, run.teacher.spec.num_classes, (contents,), generator=g).repeat_interleave(k)
         if self.intervention_space == "latent":
-            return gen(torch.randn(contents * k, self.style_dim, generator=g).to(run.device), y), y
-        base = gen(torch.randn(contents, self.style_dim, generator=g).to(run.device), y[::k])
-        return shift_flip(base.repeat_interleave(k, 0), g), y
+            z = torch.randn(contents * k, self.style_dim, generator=g)
+            y, z = run.share(y.view(contents, k)).flatten(), run.share(z.view(contents, k, -1)).flatten(0, 1)
+            return gen(z.to(run.device), y.to(run.device)), y.to(run.device)
+        z = torch.randn(contents, self.style_dim, generator=g)
+        shifts = shift_flip_draws(contents * k, g)  # drawn for the whole batch, so every rank draws the same
+        y_c, z = run.share(y[::k]), run.share(z)  # this rank's contents (whole groups of K interventions)
+        base = gen(z.to(run.device), y_c.to(run.device))
+        rows = run.share(torch.arange(contents * k).view(contents, k)).flatten()
+        return apply_shift_flip(base.repeat_interleave(k, 0), shifts, rows), y_c.repeat_interleave(k).to(run.device)
 
     def discrepancy_loss(self, z_p: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t, k = self.temperature, self.interventions

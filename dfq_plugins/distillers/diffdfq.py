@@ -83,6 +83,7 @@ class DiffDFQDistiller(KDDistiller):
         level = run.extra["level"]
         x, (y,) = sample_batch(self.level_images(level), self.batch_size, run.rng(step), self.augment,
                                (self._labels,), device=run.device)
+        x, y = run.share(x), None if y is None else run.share(y)
         z_p = run.teacher_logits(x)
         loss, parts = self.student_loss(run.student(x), z_p, y)
         run.update_student(loss)

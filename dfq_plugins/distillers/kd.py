@@ -100,8 +100,9 @@ class KDDistiller(Distiller):
     def generator_images(self, run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = run.rng(step, salt=1)
         gen = run.trainables["generator"].module.train()
-        y = torch.randint(0, run.teacher.spec.num_classes, (self.batch_size,), generator=g).to(run.device)
-        z = torch.randn(self.batch_size, gen.code_dim(), generator=g).to(run.device)
+        y = torch.randint(0, run.teacher.spec.num_classes, (self.batch_size,), generator=g)
+        z = torch.randn(self.batch_size, gen.code_dim(), generator=g)
+        y, z = run.share(y).to(run.device), run.share(z).to(run.device)  # this rank's rows of the global batch
         return gen(z, y), y
 
     def gdfq_generator_step(self, run: TrainingRun, x: torch.Tensor, y: torch.Tensor,
@@ -123,6 +124,7 @@ class KDDistiller(Distiller):
         else:
             x, (y,) = sample_batch(self._images, self.batch_size, run.rng(step), self.augment, (self._labels,),
                                    device=run.device)
+            x, y = run.share(x), None if y is None else run.share(y)
             z_p = run.teacher_logits(x)
         loss, parts = self.student_loss(run.student(x), z_p, y)
         run.update_student(loss)

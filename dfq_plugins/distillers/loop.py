@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import NonFiniteError
 from ..progress import log, progress_bar
 from ..quant.learnable import clamp_scales
@@ -89,6 +90,7 @@ class TrainingRun:
         self._observing = False
         self._pending_interrupt: list[int] = []
         self._learned_ranges: list[torch.Tensor] = []
+        self.world = distributed.current()
 
     # -- set-up -------------------------------------------------------------------------------
     def add_student(self) -> None:
@@ -131,6 +133,22 @@ class TrainingRun:
     def rng(self, step: int, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + salt)
 
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (all of it in one process).
+
+        Every rank draws the whole step's batch from ``rng(step)`` and keeps its contiguous
+        share, so the ranks together see exactly the batch one process would, and averaging
+        their gradients gives the one-process gradient (losses are means over rows)."""
+        if not self.world.distributed:
+            return t
+        n = t.shape[0]
+        if n % self.world.size:
+            raise distributed.DistributedError(
+                f"distiller {self.d.name}: a batch of {n} cannot be split evenly over {self.world.size} processes; "
+                f"set batch_size to a multiple of {self.world.size}")
+        per = n // self.world.size
+        return t[self.world.rank * per:(self.world.rank + 1) * per]
+
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
@@ -149,6 +167,7 @@ class TrainingRun:
         params = [p for g in t.optimizer.param_groups for p in g["params"] if p.requires_grad]
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=params)
+        distributed.average_gradients(params, self.world)
         t.optimizer.step()
         if name == "student" and self.d.ranges == "learned":
             clamp_scales(self.student)
@@ -187,7 +206,7 @@ class TrainingRun:
         """Checkpoint; a disk that fails now (full, gone read-only) costs the resume point, never the
         run: a warning, and training goes on (the trained student is returned at the end)."""
         path = self._checkpoint_path()
-        if path is None:
+        if path is None or not self.world.is_main:  # rank 0 writes for the group: the ranks hold the same state
             return
         try:
             save_checkpoint(path, key=self.key, step=self.step, elapsed=self.elapsed,
@@ -201,7 +220,12 @@ class TrainingRun:
 
     def resume(self) -> bool:
         path = self._checkpoint_path()
-        if path is None or not path.exists():
+        found = path is not None and path.exists()
+        if not distributed.same_everywhere(int(found), self.world):
+            raise distributed.DistributedError(
+                f"distiller {self.d.name}: the checkpoint {path} is visible to some processes only; put DFQ_CACHE on "
+                "a filesystem every node shares (or delete the checkpoint to restart)")
+        if not found:
             return False
         header = load_checkpoint(path, key=self.key, modules={k: t.module for k, t in self.trainables.items()},
                                  optimizers={k: t.optimizer for k, t in self.trainables.items()})
@@ -215,6 +239,10 @@ class TrainingRun:
         return True
 
     def run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
+        if self.world.distributed and self.d.batch_size % self.world.size:
+            raise distributed.DistributedError(
+                f"distiller {self.d.name}: batch_size {self.d.batch_size} cannot be split evenly over "
+                f"{self.world.size} processes; set it to a multiple of {self.world.size} (it is the global batch)")
         with _deferred_interrupts() as pending:
             self._pending_interrupt = pending
             self._run(train_step)
@@ -224,12 +252,14 @@ class TrainingRun:
     def _run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
         d = self.d
         total = d.steps
-        bar = progress_bar(total=total, desc=f"distill {d.name}", enabled=self.progress, initial=self.step)
+        bar = progress_bar(total=total, desc=f"distill {d.name}", enabled=self.progress and self.world.is_main,
+                           initial=self.step)
+        sync_buffers = self.world.distributed and (d.bn_mode == "batch" or d.ranges == "observe" or d.observer_steps)
         started = time.perf_counter() - self.elapsed
         running: dict[str, float] = {}
         try:
             while self.step < total:
-                if d.time_budget_s and time.perf_counter() - started >= d.time_budget_s:
+                if d.time_budget_s and distributed.agree(time.perf_counter() - started >= d.time_budget_s, self.world):
                     self.extra["stopped_by_time_budget"] = True
                     break
                 self._set_observing()
@@ -237,6 +267,8 @@ class TrainingRun:
                 for t in self.trainables.values():
                     t.set_lr_factor(factor)
                 losses = train_step(self, self.step)
+                if sync_buffers and (self._observing or d.bn_mode == "batch"):
+                    distributed.broadcast_buffers(self.student, self.world)  # ranges/BN stats as rank 0 saw them
                 for k, v in losses.items():
                     running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
                 self.step += 1
@@ -247,7 +279,8 @@ class TrainingRun:
                 bar.update(1)
                 if d.checkpoint_every and self.step % d.checkpoint_every == 0 and self.step < total:
                     self.save()
-                if self._pending_interrupt and self.step < total:  # Ctrl-C/SIGTERM during the step just done
+                if distributed.agree(bool(self._pending_interrupt), self.world) and self.step < total:
+                    # Ctrl-C/SIGTERM during the step just done (rank 0's signal stops every rank at the same step)
                     self.save()
                     raise KeyboardInterrupt
         finally:

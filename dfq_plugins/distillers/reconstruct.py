@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import distributed
 from ..data import CalibrationSet
 from ..progress import progress_bar
 from ..quant.blocks import Block, BlockRunner, block_parameters, find_blocks
@@ -132,7 +133,7 @@ class ReconstructDistiller(Distiller):
                     q_in = _run_all(BlockRunner(student, blocks[b]), q_in, 256)
                 fp_in = fp_out
                 done = b + 1
-                if path is not None:
+                if path is not None and distributed.current().is_main:  # ranks run it replicated; one writes
                     try:
                         save_checkpoint(path, key=key or self.name, step=done, elapsed=time.perf_counter() - started,
                                         modules={"student": student}, optimizers={}, extra={"history": history})

@@ -106,41 +106,75 @@ def batches_of(num_samples: int, batch_size: int) -> list[int]:
 
 
 def resumable_batches(sizes: list[int], workdir: Path | None, make: Callable[[int, int], torch.Tensor],
-                      after: Callable[[int, torch.Tensor, bool], None] | None = None) -> list[torch.Tensor]:
+                      after: Callable[[int, torch.Tensor, bool], None] | None = None,
+                      independent: bool = True) -> list[torch.Tensor]:
     """Run ``make(index, size)`` per batch, keeping finished batches in ``workdir``.
 
     ``after(index, images, resumed)`` runs on every batch in order, made or resumed, so state
     carried across batches (a class-centre memory) is rebuilt identically on resume.
 
     Each finished batch is written atomically, so an interrupted run resumes where it stopped
-    and never reads half a batch.
+    and never reads half a batch. Under torch.distributed, batch ``i`` is made by rank
+    ``i % world_size`` with its own seed and sent to every rank, so the set is the one a single
+    process makes; rank 0 also keeps every batch in ``workdir``, so a rerun under any world size
+    resumes from them. ``independent=False`` (a batch depends on the ones before it through
+    ``after``) makes the ranks take turns in batch order: correct, but no faster.
     """
-    from safetensors.torch import save_file
+    from .. import distributed
 
-    from ..io import atomic_write, tensors_hash
+    world = distributed.current()
 
-    out = []
-    for i, size in enumerate(sizes):
-        path = None if workdir is None else Path(workdir) / f"batch-{i:04d}.safetensors"
+    def finished(i: int, size: int) -> tuple[torch.Tensor, bool]:
+        path = _batch_path(workdir, i)
         if path is not None and path.exists():
             t = _verified_batch(path, size)
             if t is not None:
-                out.append(t)
-                if after is not None:
-                    after(i, t, True)
-                continue
+                return t, True
             path.unlink(missing_ok=True)  # damaged or unverifiable leftover: redo that batch
         images = make(i, size).detach().contiguous()
         check_finite(f"synthesis batch {i}", images, "the optimisation diverged (nothing of it was cached); "
                      "lower the learning rate or check the model's BatchNorm statistics")
-        if path is not None:
-            digest = tensors_hash({"images": images})
-            atomic_write(path, lambda p, t=images, h=digest: save_file({"images": t}, str(p),
-                                                                       metadata={"sha256": h}))
+        _write_batch(path, images)
+        return images, False
+
+    if not world.distributed:
+        out = []
+        for i, size in enumerate(sizes):
+            images, resumed = finished(i, size)
+            out.append(images)
+            if after is not None:
+                after(i, images, resumed)
+        return out
+
+    mine = {i: finished(i, size) for i, size in enumerate(sizes) if world.owns(i)} if independent else {}
+    out = []
+    for i, size in enumerate(sizes):
+        if not independent and world.owns(i):
+            mine[i] = finished(i, size)
+        images = distributed.broadcast_tensor(mine[i][0] if world.owns(i) else None, world.owner(i), world)
+        if world.is_main and not world.owns(i):
+            path = _batch_path(workdir, i)
+            if path is not None and not path.exists():  # a filesystem other ranks do not share
+                _write_batch(path, images)
         out.append(images)
         if after is not None:
-            after(i, images, False)
+            after(i, images, world.owns(i) and mine[i][1])
     return out
+
+
+def _batch_path(workdir: Path | None, index: int) -> Path | None:
+    return None if workdir is None else Path(workdir) / f"batch-{index:04d}.safetensors"
+
+
+def _write_batch(path: Path | None, images: torch.Tensor) -> None:
+    if path is None:
+        return
+    from safetensors.torch import save_file
+
+    from ..io import atomic_write, tensors_hash
+
+    digest = tensors_hash({"images": images})
+    atomic_write(path, lambda p: save_file({"images": images}, str(p), metadata={"sha256": digest}))
 
 
 def _verified_batch(path: Path, size: int) -> torch.Tensor | None:

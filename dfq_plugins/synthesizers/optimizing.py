@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..data import CalibrationSet
 from ..errors import MissingBatchNormError
 from ..progress import progress_bar
@@ -32,11 +34,13 @@ from .bn_stats import (
     running_targets,
 )
 from .labels import Targets
+from .whole_set import optimize_jointly
 
 INITS = ("gaussian", "diverse")
 OPTIMIZERS = ("adam", "radam")
 SCHEDULERS = ("reduce_on_plateau", "step", "cosine", "none")
 LABEL_FREE_SOURCES = "noise, real"
+BN_SCOPES = ("batch", "set")
 
 
 def make_optimizer(kind: str, params: list, lr: float) -> torch.optim.Optimizer:
@@ -102,7 +106,9 @@ class OptimizingSynthesizer(Synthesizer):
     wants_features: ClassVar[bool] = False  # True: task_loss gets the classifier's input features
     omit_at_default: ClassVar[tuple[str, ...]] = (  # the knobs zeroq gained when the family loop was shared
         "min_lr", "early_stop_patience", "early_stop_delta", "bn_distance", "bn_per_sample", "bn_margin",
-        "bn_weight", "crop_scale", "augment_prob", "qaware_toolchain", "qaware_scheme", "qaware_weight", "qaware_every")
+        "bn_weight", "crop_scale", "augment_prob", "qaware_toolchain", "qaware_scheme", "qaware_weight", "qaware_every",
+        "bn_scope")
+    batches_independent: ClassVar[bool] = True  # False: a batch depends on earlier ones (IntraQ's memory)
     # optimisation
     iterations: int = 200
     lr: float = 0.25
@@ -125,6 +131,7 @@ class OptimizingSynthesizer(Synthesizer):
     bn_margin: float = 0.0
     bn_weight: float = 1.0
     input_stats_weight: float = 0.0
+    bn_scope: str = "batch"  # batch: each batch matches the BN statistics; set: the whole set does, jointly
     # augmentation of the teacher's view
     smoothing: bool = True
     smoothing_sigma: float = 1.25
@@ -148,6 +155,14 @@ class OptimizingSynthesizer(Synthesizer):
             raise ValueError(f"{self.name} synthesis_batch_size must be at least 1")
         if self.qaware_every < 1:
             raise ValueError(f"{self.name} qaware_every must be at least 1")
+        if self.bn_scope not in BN_SCOPES:
+            raise ValueError(f"{self.name} bn_scope={self.bn_scope!r}; choose one of {BN_SCOPES}")
+        if self.bn_scope == "set":
+            clash = [k for k, on in (("bn_per_sample", self.bn_per_sample), ("early_stop_patience",
+                     self.early_stop_patience), ("qaware_weight", self.qaware_weight)) if on]
+            if clash:
+                raise ValueError(f"{self.name} bn_scope='set' optimises the whole set together and cannot be "
+                                 f"combined with {', '.join(clash)}; turn those off or use bn_scope='batch'")
         if self.qaware_weight and not self.qaware_toolchain:
             raise ValueError(f"{self.name}: qaware_weight needs qaware_toolchain (e.g. 'torch-ao-fx')")
         self.bn_loss = BNStatsLoss(self.bn_distance, self.layer_weighting, self.first_layer_multiplier,
@@ -192,14 +207,27 @@ class OptimizingSynthesizer(Synthesizer):
                 targets[i] = self.batch_targets(teacher, n, seed, i)
             return targets[i]
 
-        bar = progress_bar(total=len(sizes) * self.iterations, desc=f"{self.name} {num_samples} images",
-                           enabled=progress, unit="it")
+        world = distributed.current()
+        if world.distributed and world.is_main and not self.batches_independent and self.bn_scope == "batch":
+            warnings.warn(f"{self.name}'s batches depend on the ones before them: under {world.size} processes the "
+                          "ranks take turns, so the set is the same but not made faster", stacklevel=2)
+        own = sum(world.owns(i) for i in range(len(sizes)))
+        bar = progress_bar(total=own * self.iterations, desc=f"{self.name} {num_samples} images",
+                           enabled=progress and world.is_main, unit="it")
+
+        def after(i: int, images: torch.Tensor, resumed: bool) -> None:
+            self._after(teacher, images, targets_of(i, len(images)), bar if resumed else None)
+
         try:
             with self.session(teacher, seed):
-                parts = resumable_batches(
-                    sizes, workdir, lambda i, n: self.optimize_batch(teacher, n, seed, i, bar, targets_of(i, n)),
-                    after=lambda i, images, resumed: self._after(teacher, images, targets_of(i, len(images)),
-                                                                 bar if resumed else None))
+                if self.bn_scope == "set":
+                    self._check_joint()
+                    joint = optimize_jointly(self, teacher, sizes, seed, bar, targets_of)
+                    parts = resumable_batches(sizes, None, lambda i, n: joint[i], after=after)
+                else:
+                    parts = resumable_batches(
+                        sizes, workdir, lambda i, n: self.optimize_batch(teacher, n, seed, i, bar, targets_of(i, n)),
+                        after=after, independent=self.batches_independent)
         finally:
             bar.close()
         images = torch.cat(parts).contiguous()
@@ -215,6 +243,11 @@ class OptimizingSynthesizer(Synthesizer):
         if bar is not None:
             bar.update(self.iterations)  # a batch resumed from the work directory
         self.after_batch(teacher, images, targets)
+
+    def _check_joint(self) -> None:
+        if type(self).optimize_batch is not OptimizingSynthesizer.optimize_batch:
+            raise ValueError(f"{self.name} brings its own per-batch loop, so bn_scope='set' cannot pool its batches; "
+                             "use bn_scope='batch' (zeroq, intraq, hast and dynadfq support 'set')")
 
     def check_teacher(self, teacher: Teacher) -> None:
         if not teacher.bn_layers():
