@@ -309,6 +309,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .deploy import export
 
         path = export(q, s["export"], input_spec=spec, toolchain=s["toolchain"], record=record)
+        if test is not None:  # what the artefact itself scores, run by its runtime (OpenVINO may differ)
+            from .deploy import load
+            from .deploy.sidecar import read_sidecar, write_sidecar
+
+            deployed = load(path)
+            acc_deployed = evaluate(deployed, test.images, test.labels, batch_size=32)
+            body = {k: v for k, v in read_sidecar(path).items()
+                    if k not in ("sidecar_format", "file", "sha256", "bytes", "versions")}
+            write_sidecar(path, {**body, "top1_deployed": round(acc_deployed, 2),
+                                 "deployed_backend": deployed.backend})
+            print(f"top-1 of the exported artefact, reloaded and run by {deployed.backend}: {acc_deployed:.2f}% "
+                  f"(in-process {record['top1']:.2f}%)")
         print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) with its sidecar {path.name}.json; "
               f"check it with: dfq run {path}")
     return 0
@@ -329,6 +341,24 @@ def cmd_deploy_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale_bench(args: argparse.Namespace) -> int:
+    from .bench.scaling import ScalePlan, run_scale_bench, scale_report
+    from .io import atomic_write_text
+
+    nprocs = [int(v) for v in split_list(args.nproc)]
+    if not nprocs or min(nprocs) < 1:
+        raise DFQError(f"--nproc {args.nproc!r}: give positive process counts, e.g. 1,2")
+    plan = ScalePlan(model=args.model, nprocs=nprocs, source=args.source, images=args.images,
+                     synthesis_batch_size=args.synthesis_batch, iterations=args.iterations, toolchain=args.toolchain,
+                     scheme=args.scheme, distill_steps=args.steps, distill_batch=args.distill_batch, seed=args.seed,
+                     threads=args.threads)
+    json_path = Path(args.json)
+    table = scale_report(run_scale_bench(plan, json_path))
+    atomic_write_text(json_path.with_suffix(".md"), table + "\n")
+    print(table)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Load an exported artefact (sidecar checked), report top-1 and, with --latency, latency."""
     import torch
@@ -338,7 +368,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .deploy.latency import time_alternately
 
     torch.set_num_threads(args.threads)
-    deployed = load(args.path, threads=args.threads)
+    deployed = load(args.path, threads=args.threads, precision=args.precision)
     info = deployed.info
     print(f"{args.path}: {info['format']} from {info.get('toolchain')} at {info.get('scheme')}, calibrated on "
           f"{info.get('calibration_images')} '{info.get('source')}' images (hash {info.get('calibration_hash')}); "
@@ -616,7 +646,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_deploy_bench)
 
+    sp = sub.add_parser("scale-bench", help="synthesis and distillation throughput at 1, 2, ... processes "
+                        "(torchrun, gloo); JSON record and Markdown table")
+    sp.add_argument("--model", default=DEFAULTS["model"])
+    sp.add_argument("--nproc", default="1,2", help="comma-separated world sizes (default 1,2)")
+    sp.add_argument("--source", default="zeroq")
+    sp.add_argument("--images", type=int, default=256)
+    sp.add_argument("--synthesis-batch", dest="synthesis_batch", type=int, default=32,
+                    help="images per synthesis batch (batches are what the processes share out)")
+    sp.add_argument("--iterations", type=int, default=50)
+    sp.add_argument("--toolchain", default="torch-ao-fx")
+    sp.add_argument("--scheme", default="w4a4")
+    sp.add_argument("--steps", type=int, default=40, help="kd distillation steps timed")
+    sp.add_argument("--distill-batch", dest="distill_batch", type=int, default=64, help="global distillation batch")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=1, help="threads per process (default 1)")
+    sp.add_argument("--json", required=True, help="record (resumed if it exists); .md beside it")
+    sp.set_defaults(func=cmd_scale_bench)
+
     sp = sub.add_parser("run", help="load an exported artefact (sidecar checked, no pickle); top-1 and latency")
+    sp.add_argument("--precision", choices=["f32", "bf16"], help="OpenVINO float precision (default: the "
+                    "runtime's, bf16 on CPUs with AMX or AVX512-BF16; f32 for a true FP32 baseline)")
     sp.add_argument("path", help="the .pt2 or .xml written by dfq quantize --export")
     sp.add_argument("--model", help="evaluate on this model plugin's test set (default: the one it was made for)")
     sp.add_argument("--test-dir", dest="test_dir", help="evaluate on your images: one sub-folder per class")

@@ -145,13 +145,13 @@ def average_gradients(params: list[torch.Tensor], world: World) -> None:
 
 
 def broadcast_buffers(module: torch.nn.Module, world: World, src: int = 0) -> None:
-    """Every floating-point buffer of ``module`` (observer ranges, BN statistics) as rank ``src``
-    holds it, in one broadcast per dtype."""
+    """Every numeric buffer of ``module`` (observer ranges, scales and zero points, BN statistics)
+    as rank ``src`` holds it, in one broadcast per dtype."""
     if not world.distributed:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buf in module.buffers():
-        if buf.is_floating_point() and buf.numel():
+        if buf.dtype != torch.bool and buf.numel():
             by_dtype.setdefault(buf.dtype, []).append(buf)
     for bufs in by_dtype.values():
         flat = torch.cat([b.detach().reshape(-1).to(world.comm_device()) for b in bufs])

@@ -20,11 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
-from tests.conftest import TINY_SPEC, make_tiny  # noqa: E402
-
-import dfq_plugins  # noqa: E402
-from dfq_plugins import distributed  # noqa: E402
-from dfq_plugins.io import tensors_hash  # noqa: E402
+import dfq_plugins
+from dfq_plugins import distributed
+from dfq_plugins.io import tensors_hash
+from tests.conftest import TINY_SPEC, make_tiny
 
 
 def _die_after(batches: int) -> None:

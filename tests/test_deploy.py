@@ -115,6 +115,42 @@ def test_cli_export_then_run(tmp_path, capsys):
     assert "sha256 does not match" in capsys.readouterr().err
 
 
+def test_cli_export_records_the_reloaded_artefacts_top1(tmp_path, capsys):
+    from tests.test_own_model_cli import NET, SPEC, image_folder
+
+    (tmp_path / "net.py").write_text(NET)
+    images = image_folder(tmp_path / "images")
+    path = tmp_path / "q.pt2"
+    assert main(["quantize", "--model", f"{tmp_path / 'net.py'}:build", *SPEC, "--source", "noise", "--images", "8",
+                 "--toolchain", "torchao-pt2e", "--export", str(path), "--test-dir", str(images), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 of the exported artefact, reloaded" in out
+    info = json.loads(sidecar_path(path).read_text())
+    assert info["top1_deployed"] == info["top1"]  # torch.export of the same graph: the same predictions
+    assert load(path).info["top1_deployed"] == info["top1_deployed"]  # the rewritten sidecar still verifies
+
+
+def test_export_to_a_read_only_disk_fails_clearly_and_keeps_a_previous_export(tmp_path, calib, monkeypatch):
+    import errno
+
+    from dfq_plugins import io
+
+    q = quantized("torchao-pt2e", "w8a8", calib)
+    good = export(q, tmp_path / "q.pt2")
+    before = good.read_bytes()
+
+    def read_only(*args, **kwargs):  # what mkstemp meets on a read-only mount (root ignores chmod)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", read_only)
+    with pytest.raises(ExportError, match="writable folder"):
+        export(q, tmp_path / "new.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt2", "q.pt2.json"]  # nothing half-written
+    with pytest.raises(ExportError, match="Read-only"):
+        export(q, good)  # over a previous export: it is kept, whole and verifiable
+    assert good.read_bytes() == before and load(good).info["format"] == "pt2"
+
+
 def test_save_is_gone_and_says_what_to_use(capsys):
     assert main(["quantize", "--save", "q.pt", "--source", "noise"]) == 2
     assert "--export PATH.pt2" in capsys.readouterr().err
@@ -133,6 +169,9 @@ def test_nncf_round_trip_through_openvino(tmp_path, calib):
         ref = q(x)
     assert deployed(x).shape == (5, 4) and deployed(x[:1]).shape == (1, 4)
     assert (deployed(x).argmax(1) == ref.argmax(1)).float().mean() >= 0.8
+    assert load(path, threads=1, precision="f32").backend == "openvino f32"  # a true FP32 baseline, on request
+    with pytest.raises(ValueError, match="precision"):
+        load(path, precision="fp64")
     assert torch.allclose(deployed(x), ref, atol=0.15 * float(ref.abs().max()))
     path.with_suffix(".bin").write_bytes(b"\0" * 16)
     with pytest.raises(CorruptArtifactError, match="q.bin: sha256"):

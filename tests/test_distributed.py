@@ -32,7 +32,7 @@ def launch(nproc: int, cache: Path, out: Path, *args: str, env: dict[str, str] |
     full_env = {**os.environ, "DFQ_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            WORKER, *args[:1], str(out), *args[1:]]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, env=full_env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -43,7 +43,11 @@ def synthesized_here(source: dict) -> str:
     return cs.content_hash()
 
 
-@pytest.mark.parametrize("source", [ZEROQ, {**ZEROQ, "name": "intraq"}], ids=["zeroq", "intraq-sequential"])
+@pytest.mark.parametrize("source", [
+    ZEROQ,
+    {**ZEROQ, "name": "intraq"},  # a class-centre memory across batches: ranks take turns
+    {"name": "diffdfq", "base": {**ZEROQ, "name": "intraq", "iterations": 4}},  # + a Q-aware student's observers
+], ids=["zeroq", "intraq-sequential", "diffdfq-qaware-student"])
 def test_two_process_synthesis_is_bitwise_the_one_process_set(tmp_path, source):
     out = tmp_path / "two.json"
     launch(2, tmp_path / "cache", out, "synth", "--source", json.dumps(source))
@@ -191,3 +195,25 @@ def test_cli_under_torchrun_refuses_commands_it_cannot_split(monkeypatch, capsys
     monkeypatch.setenv("RANK", "0")
     assert main(["cache", "path"]) == 2
     assert "only synthesize, quantize, bench" in capsys.readouterr().err
+
+
+def test_scale_report_gives_speedups_and_flags_a_set_that_changed_with_the_world_size():
+    from dfq_plugins.bench.scaling import ScalePlan, scale_report
+
+    config = ScalePlan().config()
+    rows = [{"model": "m", "config": config, "world_size": n, "synth_seconds": s, "images_per_s": 256 / s,
+             "content_hash": h, "distill_steps_per_s": d} for n, s, h, d in ((1, 100.0, "a", 2.0), (2, 50.0, "b", 3.0))]
+    table = scale_report(rows)
+    assert "| 2 x 1 | 50.0 | 5.12 | 2.00x | NO |" in table and "| 1.50x |" in table
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused():
+    from types import SimpleNamespace
+
+    from dfq_plugins.distillers.loop import TrainingRun
+
+    run = TrainingRun.__new__(TrainingRun)
+    run.world, run.d = distributed.World(rank=1, size=3), SimpleNamespace(name="kd")
+    assert run.share(torch.arange(6)).tolist() == [2, 3]
+    with pytest.raises(distributed.DistributedError, match="multiple of 3"):
+        run.share(torch.arange(8))

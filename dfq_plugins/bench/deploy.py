@@ -138,7 +138,11 @@ def measure_latency(plan: DeployPlan, model: torch.nn.Module, spec: Any, out_dir
     if "torchao-pt2e" in plan.toolchains:
         runners["int8 pt2e inductor"] = load(out_dir / f"{source}-torchao-pt2e.pt2").compiled()
     if "nncf" in plan.toolchains:
-        runners["fp32 openvino"] = load(out_dir / "fp32.xml", threads=plan.threads)
+        # the CPU plugin's default float precision is bf16 where AMX/AVX512-BF16 exist: time both
+        runners["fp32 openvino"] = load(out_dir / "fp32.xml", threads=plan.threads, precision="f32")
+        default = load(out_dir / "fp32.xml", threads=plan.threads)
+        if default.backend != "openvino f32":
+            runners[f"fp32 ir, {default.backend} (runtime default)"] = default
         runners["int8 openvino (nncf)"] = load(out_dir / f"{source}-nncf.xml", threads=plan.threads)
     out: dict[str, dict[str, float]] = {}
     for batch in plan.batches:
@@ -170,7 +174,8 @@ def deploy_report(state: dict[str, Any]) -> str:
         for b, row in lat.items():
             lines.append(f"| {b.removeprefix('batch')} | " + " | ".join(f"{row[n]:.2f} ms" for n in names) + " |")
         for b, row in lat.items():
-            pairs = [("int8 pt2e inductor", "fp32 inductor"), ("int8 openvino (nncf)", "fp32 openvino")]
+            pairs = [("int8 pt2e inductor", "fp32 inductor"), ("int8 openvino (nncf)", "fp32 openvino"),
+                     *[("int8 openvino (nncf)", n) for n in row if n.endswith("(runtime default)")]]
             ratios = [f"{a} {row[f] / row[a]:.2f}x vs {f}" for a, f in pairs if a in row and f in row]
             if ratios:
                 lines.append(f"- {b}: " + "; ".join(ratios))

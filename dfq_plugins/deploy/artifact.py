@@ -27,7 +27,7 @@ from ..device import module_device
 from ..errors import CorruptArtifactError, DFQError
 from ..io import atomic_write
 from ..spec import InputSpec
-from .sidecar import read_sidecar, sidecar_path, write_sidecar
+from .sidecar import artifact_files, read_sidecar, sidecar_path, write_sidecar
 
 FORMATS = {"pt2": ".pt2", "openvino": ".xml"}
 DEFAULT_FORMAT = {"torchao-pt2e": "pt2", "torch-ao-fx": "pt2", "nncf": "openvino"}
@@ -65,14 +65,24 @@ def export(qmodel: nn.Module, path: str | Path, *, format: str | None = None, in
         raise ExportError(f"a {fmt} artefact is a '{FORMATS[fmt]}' file; got {path.name}")
     example = spec.example(2, module_device(qmodel)).normal_()
     started = time.perf_counter()
-    if fmt == "pt2":
-        _export_pt2(qmodel, path, example)
-    else:
-        _export_openvino(qmodel, path, example)
-    body = {"format": fmt, "toolchain": toolchain, "input_spec": spec.to_dict(),
-            "export_seconds": round(time.perf_counter() - started, 2),
-            **{k: v for k, v in info.items() if k not in ("toolchain", "input_spec")}, **(record or {})}
-    write_sidecar(path, body)
+    try:
+        if fmt == "pt2":
+            _export_pt2(qmodel, path, example)
+        else:
+            _export_openvino(qmodel, path, example)
+        body = {"format": fmt, "toolchain": toolchain, "input_spec": spec.to_dict(),
+                "export_seconds": round(time.perf_counter() - started, 2),
+                **{k: v for k, v in info.items() if k not in ("toolchain", "input_spec")}, **(record or {})}
+        write_sidecar(path, body)
+    except OSError as exc:  # a read-only or full disk: keep a previous export only if it still verifies
+        try:
+            read_sidecar(path)
+        except Exception:  # noqa: BLE001 - anything that does not verify is removed, never left half-written
+            for f in [*artifact_files(path), sidecar_path(path)]:
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {path} ({exc.strerror or exc}); export to a writable folder with free "
+                          "space") from exc
     return path
 
 
@@ -235,11 +245,20 @@ def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor], quiet: bool = False) ->
     return run
 
 
-def load(path: str | Path, *, verify: bool = True, threads: int | None = None) -> Deployed:
+OV_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+
+
+def load(path: str | Path, *, verify: bool = True, threads: int | None = None,
+         precision: str | None = None) -> Deployed:
     """Load an artefact written by :func:`export`, checking its sidecar's sha256 first (``verify``).
 
-    ``threads``: OpenVINO's inference threads (torch uses ``torch.set_num_threads``)."""
+    ``threads``: OpenVINO's inference threads (torch uses ``torch.set_num_threads``).
+    ``precision``: OpenVINO's floating-point inference precision (``"f32"``, ``"bf16"``); None keeps
+    the runtime's default, which is **bf16** on CPUs with AMX or AVX512-BF16: an "FP32" IR then runs
+    in bf16, so time a true FP32 baseline with ``precision="f32"``."""
     path = Path(path)
+    if precision is not None and precision not in OV_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; choose one of {sorted(OV_PRECISIONS)} or None (runtime default)")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     info = read_sidecar(path, verify=verify)
@@ -257,7 +276,9 @@ def load(path: str | Path, *, verify: bool = True, threads: int | None = None) -
     if fmt == "openvino":
         ov = _openvino()
         core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = OV_PRECISIONS[precision]
         compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         request = compiled.create_infer_request()
 
@@ -265,7 +286,8 @@ def load(path: str | Path, *, verify: bool = True, threads: int | None = None) -
             out = request.infer({0: x.detach().cpu().numpy()})
             return torch.from_numpy(next(iter(out.values())).copy())
 
-        return Deployed(path, info, run, None, "openvino", {"compiled": compiled})
+        backend = f"openvino {compiled.get_property('INFERENCE_PRECISION_HINT').to_string()}"
+        return Deployed(path, info, run, None, backend, {"compiled": compiled})
     raise CorruptArtifactError(f"{sidecar_path(path)} names format {fmt!r}, which this version cannot load")
 
 

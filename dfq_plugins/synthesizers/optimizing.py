@@ -208,7 +208,7 @@ class OptimizingSynthesizer(Synthesizer):
             return targets[i]
 
         world = distributed.current()
-        if world.distributed and world.is_main and not self.batches_independent and self.bn_scope == "batch":
+        if world.distributed and world.is_main and not self._independent and self.bn_scope == "batch":
             warnings.warn(f"{self.name}'s batches depend on the ones before them: under {world.size} processes the "
                           "ranks take turns, so the set is the same but not made faster", stacklevel=2)
         own = sum(world.owns(i) for i in range(len(sizes)))
@@ -216,7 +216,7 @@ class OptimizingSynthesizer(Synthesizer):
                            enabled=progress and world.is_main, unit="it")
 
         def after(i: int, images: torch.Tensor, resumed: bool) -> None:
-            self._after(teacher, images, targets_of(i, len(images)), bar if resumed else None)
+            self._after(teacher, images, targets_of(i, len(images)), bar if resumed else None, i)
 
         try:
             with self.session(teacher, seed):
@@ -227,7 +227,7 @@ class OptimizingSynthesizer(Synthesizer):
                 else:
                     parts = resumable_batches(
                         sizes, workdir, lambda i, n: self.optimize_batch(teacher, n, seed, i, bar, targets_of(i, n)),
-                        after=after, independent=self.batches_independent)
+                        after=after, independent=self._independent)
         finally:
             bar.close()
         images = torch.cat(parts).contiguous()
@@ -239,10 +239,21 @@ class OptimizingSynthesizer(Synthesizer):
         return self.finish(teacher, images, seed, batch_size, labels=torch.cat([t.labels for t in kept]),
                            metadata=metadata)
 
-    def _after(self, teacher: Teacher, images: torch.Tensor, targets: Targets | None, bar: Any) -> None:
+    def _after(self, teacher: Teacher, images: torch.Tensor, targets: Targets | None, bar: Any,
+               index: int = 0) -> None:
         if bar is not None:
             bar.update(self.iterations)  # a batch resumed from the work directory
+        world = distributed.current()
+        if self._student is not None and world.distributed:
+            # the Q-aware student's observers track the images batch after batch: every rank takes the
+            # state the batch's owner left, so the next owner starts where one process would
+            distributed.broadcast_buffers(self._student, world, src=world.owner(index))
         self.after_batch(teacher, images, targets)
+
+    @property
+    def _independent(self) -> bool:
+        """Whether batch i can be made without batches < i (the Q-aware student's observers carry state)."""
+        return self.batches_independent and not self.qaware_weight
 
     def _check_joint(self) -> None:
         if type(self).optimize_batch is not OptimizingSynthesizer.optimize_batch:
