@@ -321,6 +321,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                  "deployed_backend": deployed.backend})
             print(f"top-1 of the exported artefact, reloaded and run by {deployed.backend}: {acc_deployed:.2f}% "
                   f"(in-process {record['top1']:.2f}%)")
+            if deployed.backend.startswith("openvino") and acc_deployed < record["top1"] - 0.3:
+                print("hint: OpenVINO scores below the fake-quant model. On CPUs without VNNI (AVX2 only) int8 "
+                      "kernels saturate unless every layer keeps to 7-bit weights: quantize with the recipe "
+                      "table [toolchains.nncf] overflow_fix = \"enable\" (docs/deploy.md)", file=sys.stderr)
         print(f"exported {path} ({path.stat().st_size / 1e6:.2f} MB) with its sidecar {path.name}.json; "
               f"check it with: dfq run {path}")
     return 0
@@ -330,7 +334,11 @@ def cmd_deploy_bench(args: argparse.Namespace) -> int:
     from .bench.deploy import DeployPlan, deploy_report, run_deploy_bench
     from .io import atomic_write_text
 
+    configs: dict[str, dict[str, object]] = {"nncf": {"overflow_fix": args.overflow_fix}} if args.overflow_fix else {}
+    if args.reduce_range:
+        configs["torchao-pt2e"] = {"reduce_range": True}
     plan = DeployPlan(model=args.model, sources=split_list(args.source), toolchains=split_list(args.toolchain),
+                      toolchain_configs=configs,
                       scheme=args.scheme, images=args.images, seed=args.seed, test_limit=args.test_limit,
                       rounds=args.rounds, threads=args.threads)
     json_path = Path(args.json)
@@ -641,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--test-limit", dest="test_limit", type=int)
     sp.add_argument("--rounds", type=int, default=20, help="timed rounds per batch size")
+    sp.add_argument("--overflow-fix", dest="overflow_fix", choices=["enable", "first_layer_only", "disable"],
+                    help="NNCF's int8 overflow fix (default: NNCF's, first_layer_only); 'enable' for CPUs without "
+                    "VNNI, where the first-layer-only default lost 1.2 points under OpenVINO (Lite0)")
+    sp.add_argument("--reduce-range", dest="reduce_range", action="store_true",
+                    help="PT2E activations on u8 0..127, for CPUs without VNNI (Lite0 lost 3.8 points on x86 "
+                    "Inductor int8 there without it)")
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--json", required=True, help="record (resumed if it exists); .md beside it")
     sp.add_argument("--quiet", action="store_true")

@@ -213,3 +213,13 @@ def test_openvino_model_quantized_data_free_lines_up_with_its_layout():
     ds = dfq_nncf.calibration_dataset_openvino(nhwc, torch_model, "noise", input_spec=TINY_SPEC, num_samples=8)
     first = next(iter(ds.get_inference_data()))
     assert first.shape[1:] == (16, 16, 3)  # channels last, as the IR takes them
+
+
+def test_cpu_summary_names_the_cpu_and_its_int8_flags():
+    from dfq_plugins.bench.machine import cpu_summary
+
+    avx2 = cpu_summary("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n")
+    amx = cpu_summary("model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16 amx_tile amx_int8\n")
+    assert avx2["cpu"] == "AMD EPYC" and avx2["isa"] == ["avx2"]
+    assert amx["isa"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"]
+    assert cpu_summary("")["cpu"]  # no /proc/cpuinfo (not Linux): still a name

@@ -62,6 +62,34 @@ def test_pt2e_scheme_reaches_the_observers():
     assert (0, 15) in ranges and (-8, 7) in ranges
 
 
+def test_pt2e_reduce_range_halves_the_activation_grid_and_still_lowers_to_int8():
+    """For CPUs without VNNI: u8 activations on 0..127, weights untouched; the int8 program still runs."""
+    tc = make_toolchain({"name": "torchao-pt2e", "reduce_range": True})
+    x = torch.randn(2, *TINY_SPEC.shape)
+    prepared = tc.prepare(make_tiny(), QuantScheme.parse("w8a8"), (x,))
+    ranges = {(m.quant_min, m.quant_max) for m in prepared.modules() if hasattr(m, "quant_min")}
+    assert (0, 127) in ranges and (0, 255) not in ranges and (-128, 127) in ranges
+    with pytest.raises(ValueError, match="reduce_range"):
+        make_toolchain({"name": "torchao-pt2e", "reduce_range": "maybe"})
+
+
+def test_nncf_overflow_fix_reaches_nncf_and_bad_values_are_refused(monkeypatch):
+    import nncf
+
+    seen = {}
+    real = nncf.quantize
+
+    def spy(model, dataset, **kwargs):
+        seen["overflow_fix"] = kwargs["advanced_parameters"].overflow_fix
+        return real(model, dataset, **kwargs)
+
+    monkeypatch.setattr(nncf, "quantize", spy)
+    make_toolchain({"name": "nncf", "overflow_fix": "enable"}).quantize(make_tiny(), QuantScheme.parse("w8a8"), calib())
+    assert seen["overflow_fix"].value == "enable"
+    with pytest.raises(ValueError, match="overflow_fix"):
+        make_toolchain({"name": "nncf", "overflow_fix": "on"})
+
+
 def test_nncf_bits_reach_its_quantizers():
     q = make_toolchain("nncf").quantize(make_tiny(), QuantScheme.parse("w4a8"), calib())
     bits = {int(m.num_bits) for m in q.modules() if hasattr(m, "num_bits")}

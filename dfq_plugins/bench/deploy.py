@@ -24,8 +24,10 @@ from ..api import evaluate, make_toolchain, synthesize
 from ..deploy import export, load
 from ..deploy.artifact import inductor_compiled
 from ..deploy.latency import time_alternately
+from ..errors import DFQError
 from ..io import atomic_write_text
 from ..scheme import QuantScheme
+from .machine import cpu_summary
 
 SUFFIX = {"torchao-pt2e": ".pt2", "torch-ao-fx": ".pt2", "nncf": ".xml"}
 
@@ -44,6 +46,7 @@ class DeployPlan:
     rounds: int = 20
     threads: int = 2
     batches: tuple[int, ...] = (1, 32)
+    toolchain_configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"nncf": {"overflow_fix": ...}}
 
 
 def _top1(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -54,7 +57,7 @@ def run_deploy_bench(plan: DeployPlan, json_path: Path, log: Callable[[str], Non
                      progress: bool = True) -> dict[str, Any]:
     torch.set_num_threads(plan.threads)
     entry = plugins.get("models", plan.model).obj
-    chains = {t: make_toolchain(t) for t in plan.toolchains}
+    chains = {t: make_toolchain({"name": t, **plan.toolchain_configs.get(t, {})}) for t in plan.toolchains}
     scheme = QuantScheme.parse(plan.scheme)
     for chain in chains.values():
         chain.check_scheme(scheme)
@@ -67,9 +70,14 @@ def run_deploy_bench(plan: DeployPlan, json_path: Path, log: Callable[[str], Non
     test = entry.test_set()
     images, labels = test.images[: plan.test_limit], test.labels[: plan.test_limit]
     limited = plan.test_limit is not None and plan.test_limit < len(test.labels)
-    state["setup"] = {"model": plan.model, "testset": f"{test.name}[:{plan.test_limit}]" if limited else test.name,
-                      "scheme": plan.scheme, "images": plan.images,
-                      "seed": plan.seed, "threads": plan.threads, "torch": torch.__version__}
+    setup = {"model": plan.model, "testset": f"{test.name}[:{plan.test_limit}]" if limited else test.name,
+             "scheme": plan.scheme, "images": plan.images, "seed": plan.seed, "threads": plan.threads,
+             "toolchain_configs": plan.toolchain_configs, "torch": torch.__version__, **cpu_summary()}
+    if state.get("setup", setup) != setup:  # rows and artefacts of another setup must not be mixed in
+        changed = sorted(k for k in setup if state["setup"].get(k) != setup[k])
+        raise DFQError(f"{json_path} holds a deploy-bench run with another {', '.join(changed)}; give a new --json "
+                       "(or delete that file and its -artefacts folder to start over)")
+    state["setup"] = setup
 
     def save() -> None:
         atomic_write_text(json_path, json.dumps(state, indent=1) + "\n")
@@ -102,6 +110,7 @@ def run_deploy_bench(plan: DeployPlan, json_path: Path, log: Callable[[str], Non
                 warnings.simplefilter("ignore")
                 q = chain.quantize(model, scheme, cs)
             row: dict[str, Any] = {"source": source, "toolchain": tname, "scheme": chain.resolve_scheme(scheme).name,
+                                   "toolchain_config": plan.toolchain_configs.get(tname, {}),
                                    "calibration_hash": cs.content_hash()[:16],
                                    "synth_seconds": cs.manifest.get("synth_seconds")}
             row["top1_in_process"] = _top1(q, images, labels)
@@ -156,7 +165,8 @@ def measure_latency(plan: DeployPlan, model: torch.nn.Module, spec: Any, out_dir
 def deploy_report(state: dict[str, Any]) -> str:
     s = state["setup"]
     title = (f"## {s['model']} {s['scheme']}: exported artefacts ({s['testset']}, FP32 {state['fp_top1']:.2f}; "
-             f"{s['images']} calibration images, seed {s['seed']}, {s['threads']} threads, torch {s['torch']})")
+             f"{s['images']} calibration images, seed {s['seed']}, {s['threads']} threads, torch {s['torch']}, "
+             f"CPU {s.get('cpu', 'not recorded')} [{' '.join(s.get('isa', []))}])")
     lines = [title, "",
              "| source | toolchain | scheme | in process | after export + reload | int8 backend | artefact MB |",
              "|---|---|---|---|---|---|---|"]

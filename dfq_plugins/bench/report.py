@@ -11,8 +11,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         groups[(r["model"], r["testset"], r["toolchain"], r["scheme"], r["source"], r.get("distill"),
                 r["images"], r.get("steps", 0))].append(r)
-    lines = ["| model | test set | toolchain | scheme | source | images | steps | seeds | top-1 mean | spread "
-             "(min-max) | FP top-1 | synth s |",
+    lines = [("| model | test set | toolchain | scheme | source | images | steps | seeds | top-1 mean | spread "
+             "(min-max) | FP top-1 | synth s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[0], k[2], k[3], _source_order(k[4]))):
         rs = groups[key]
@@ -54,8 +54,8 @@ def pivot_table(records: list[dict[str, Any]]) -> str:
 
 
 def speed_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | batch | iterations | images x iterations / s | floor (bare fwd+bwd) | ratio to floor |"
-             " channels-last |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | method | batch | iterations | images x iterations / s | floor (bare fwd+bwd) | ratio to floor |"
+             " channels-last |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['iterations']} | "
                      f"{r['images_x_iterations_per_s']} | {r['floor_images_x_iterations_per_s']} | "

@@ -22,6 +22,7 @@ def main(plan_json: str, out: str) -> None:
     torch.set_num_threads(int(plan["threads"]))
     import dfq_plugins
     from dfq_plugins import distributed, plugins
+    from dfq_plugins.bench.machine import cpu_summary
 
     world = distributed.init_from_env("cpu")
     model, spec = plugins.get("models", plan["model"]).obj.load()
@@ -48,7 +49,7 @@ def main(plan_json: str, out: str) -> None:
             "content_hash": cs.content_hash(), "distill_seconds": round(distill_seconds, 2),
             "distill_steps_per_s": round(plan["distill_steps"] / distill_seconds, 3),
             "torch": torch.__version__, "backend": world.backend or "none",
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count()}))
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), **cpu_summary()}))
 
 
 if __name__ == "__main__":

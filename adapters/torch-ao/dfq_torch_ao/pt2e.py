@@ -31,11 +31,13 @@ from .observers import activation_observer, weight_observer
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CPU: skip noisy CUDA .so probing
 
 
-def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
+def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, reduce_range: bool = False):
     from torchao.quantization.pt2e import FakeQuantize
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
     aqmin, aqmax = scheme.act_range(abits)
+    if reduce_range:  # one bit fewer for activations: u8 x s8 products then fit AVX2's 16-bit sums
+        aqmin, aqmax = aqmin // 2, aqmax // 2
     wqmin, wqmax = scheme.weight_range(wbits)
     eps = {"eps": 2**-12}
     a_obs = activation_observer("pt2e", scheme.act_observer, trainable)
@@ -62,7 +64,7 @@ def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
     return QuantizationConfig(act, act, weight, None, trainable)
 
 
-def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False):
+def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False, reduce_range: bool = False):
     """An X86InductorQuantizer whose global and first/last-layer configs follow the (resolved) scheme."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -70,11 +72,12 @@ def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False
 
     scheme = scheme.resolved()
     q = X86InductorQuantizer()
-    q.set_global(_config(scheme, scheme.weight_bits, scheme.act_bits, trainable))
+    q.set_global(_config(scheme, scheme.weight_bits, scheme.act_bits, trainable, reduce_range))
     first, last = first_and_last_layers(model)
     for name, override in ((first, scheme.first_layer), (last, scheme.last_layer)):
         if override is not None:
-            q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable))
+            q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable,
+                                                    reduce_range))
     return q
 
 
@@ -117,17 +120,23 @@ def report_unannotated(prepared: torch.fx.GraphModule) -> None:
 
 class PT2EToolchain(Toolchain):
     """torchao PT2E. ``observer`` (``minmax`` or ``histogram``, X86InductorQuantizer's own default)
-    overrides the scheme's ``act_observer``; by default the scheme decides."""
+    overrides the scheme's ``act_observer``; by default the scheme decides.
+
+    ``reduce_range=True`` gives activations one bit less (u8 0..127), as torch.ao's fbgemm
+    configs did: on CPUs without VNNI (AVX2 only) x86 Inductor's int8 convolutions sum u8 x s8
+    products in 16 bits, which saturate with full-range activations (Lite0 W8A8 lost 3.8 points
+    there; docs/deploy.md). Off by default: VNNI and AMX CPUs do not need it."""
 
     name = "torchao-pt2e"
 
-    def __init__(self, observer: str | None = None, input_range: str = "data") -> None:
+    def __init__(self, observer: str | None = None, input_range: str = "data", reduce_range: bool = False) -> None:
         if observer not in (None, "minmax", "histogram"):
             raise ValueError(f"observer must be 'minmax' or 'histogram', got {observer!r}")
         if input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
         self.observer = observer
         self.input_range = input_range
+        self.reduce_range = reduce_range
 
     def prepare(self, model: nn.Module, scheme: QuantScheme, example_inputs: tuple, *,
                 trainable: bool = False) -> Any:
@@ -141,7 +150,7 @@ class PT2EToolchain(Toolchain):
         m = private_copy(model, trainable)
         if self.observer is not None:
             scheme = dataclasses.replace(scheme, act_observer=self.observer)
-        quantizer = quantizer_for(m, scheme, trainable)
+        quantizer = quantizer_for(m, scheme, trainable, self.reduce_range)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gm = export_dynamic_batch(m, example_inputs)
