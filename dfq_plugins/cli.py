@@ -311,14 +311,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         path = export(q, s["export"], input_spec=spec, toolchain=s["toolchain"], record=record)
         if test is not None:  # what the artefact itself scores, run by its runtime (OpenVINO may differ)
             from .deploy import load
-            from .deploy.sidecar import read_sidecar, write_sidecar
+            from .deploy.sidecar import update_sidecar
 
             deployed = load(path)
             acc_deployed = evaluate(deployed, test.images, test.labels, batch_size=32)
-            body = {k: v for k, v in read_sidecar(path).items()
-                    if k not in ("sidecar_format", "file", "sha256", "bytes", "versions")}
-            write_sidecar(path, {**body, "top1_deployed": round(acc_deployed, 2),
-                                 "deployed_backend": deployed.backend})
+            update_sidecar(path, {"top1_deployed": round(acc_deployed, 2), "deployed_backend": deployed.backend})
             print(f"top-1 of the exported artefact, reloaded and run by {deployed.backend}: {acc_deployed:.2f}% "
                   f"(in-process {record['top1']:.2f}%)")
             if deployed.backend.startswith("openvino") and acc_deployed < record["top1"] - 0.3:

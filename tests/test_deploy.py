@@ -223,3 +223,15 @@ def test_cpu_summary_names_the_cpu_and_its_int8_flags():
     assert avx2["cpu"] == "AMD EPYC" and avx2["isa"] == ["avx2"]
     assert amx["isa"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"]
     assert cpu_summary("")["cpu"]  # no /proc/cpuinfo (not Linux): still a name
+
+
+def test_deploy_bench_refuses_to_resume_a_record_of_another_setup(tmp_path, resnet20):
+    """Rows and artefacts of another calibration budget (or CPU, or options) must not be mixed in."""
+    from dfq_plugins.bench.deploy import DeployPlan, run_deploy_bench
+
+    record = tmp_path / "d.json"
+    old = {"setup": {"model": "cifar10-resnet20", "images": 64}, "rows": [{"source": "zeroq"}], "fp_top1": 91.6}
+    record.write_text(json.dumps(old))
+    with pytest.raises(DFQError, match="another .*images.*new --json"):
+        run_deploy_bench(DeployPlan(model="cifar10-resnet20", images=256), record, log=lambda _: None)
+    assert json.loads(record.read_text()) == old  # the earlier record is left as it was

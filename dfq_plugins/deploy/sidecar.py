@@ -58,6 +58,14 @@ def write_sidecar(artifact: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def update_sidecar(artifact: Path, fields: dict[str, Any]) -> Path:
+    """Add ``fields`` to a verified sidecar (e.g. a top-1 measured after export); hashes kept."""
+    body = {**read_sidecar(artifact), **fields}
+    path = sidecar_path(artifact)
+    atomic_write_text(path, json.dumps(body, indent=1, default=str) + "\n")
+    return path
+
+
 def read_sidecar(artifact: Path, verify: bool = True) -> dict[str, Any]:
     """The sidecar of ``artifact``; with ``verify``, every file's sha256 checked against it."""
     path = sidecar_path(artifact)
@@ -82,4 +90,4 @@ def read_sidecar(artifact: Path, verify: bool = True) -> dict[str, Any]:
     return body
 
 
-__all__ = ["file_sha256", "package_versions", "read_sidecar", "sidecar_path", "write_sidecar"]
+__all__ = ["file_sha256", "package_versions", "read_sidecar", "sidecar_path", "update_sidecar", "write_sidecar"]
