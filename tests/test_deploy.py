@@ -26,6 +26,7 @@ def quantized(toolchain: str, scheme: str, calib) -> nn.Module:
     return dfq.quantize(make_trained_tiny(), toolchain=toolchain, scheme=scheme, source=calib, input_spec=TINY_SPEC)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("toolchain, scheme", [("torchao-pt2e", "w8a8"), ("torch-ao-fx", "w4a4")])
 def test_pt2_round_trip_gives_the_same_logits(tmp_path, calib, toolchain, scheme):
     q = quantized(toolchain, scheme, calib)
@@ -157,6 +158,7 @@ def test_save_is_gone_and_says_what_to_use(capsys):
 
 
 # -- OpenVINO ------------------------------------------------------------------------------------
+@pytest.mark.compat
 def test_nncf_round_trip_through_openvino(tmp_path, calib):
     pytest.importorskip("openvino", reason="OpenVINO is the NNCF artefact's runtime: pip install openvino")
     q = quantized("nncf", "w8a8", calib)
@@ -235,3 +237,26 @@ def test_deploy_bench_refuses_to_resume_a_record_of_another_setup(tmp_path, resn
     with pytest.raises(DFQError, match="another .*images.*new --json"):
         run_deploy_bench(DeployPlan(model="cifar10-resnet20", images=256), record, log=lambda _: None)
     assert json.loads(record.read_text()) == old  # the earlier record is left as it was
+
+
+class BatchBounded(nn.Module):
+    """A model whose trace bounds the batch, as BatchNorm on CUDA does on torch 2.11 (batch <= 65535):
+    a Dim('batch', min=1) made export fail with 'Constraints violated (batch)'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_trained_tiny()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(0) > 65535:
+            raise RuntimeError("batch too large for this kernel")
+        return self.net(x)
+
+
+@pytest.mark.compat
+def test_a_batch_bound_from_tracing_does_not_stop_pt2e_or_its_export(tmp_path, calib):
+    q = dfq.quantize(BatchBounded().eval(), toolchain="torchao-pt2e", scheme="w8a8", source=calib,
+                     input_spec=TINY_SPEC)
+    deployed = load(export(q, tmp_path / "q.pt2"))
+    for batch in (1, 5):
+        assert deployed(torch.randn(batch, *TINY_SPEC.shape)).shape == (batch, 4)

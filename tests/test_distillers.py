@@ -55,6 +55,7 @@ def teacher_gap(teacher, student, x: torch.Tensor) -> float:
     return float(kd_loss(student(x), teacher(x), 1.0, "batchmean"))
 
 
+@pytest.mark.compat
 def test_kd_brings_a_low_bit_student_closer_to_its_teacher(trained):
     chain, student = student_for(trained, scheme=QuantScheme.parse("w2a4"))  # w4a4 already agrees on this task
     held_out, _ = colour_images(256, seed=7)

@@ -70,6 +70,7 @@ def test_range_search_lowers_the_error_of_minmax_on_outliers():
         search_channel_ranges(torch.full((2, 3), float("nan")), 0, -8, 7, symmetric=True)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
 def test_searched_weights_and_histograms_convert_to_what_the_prepared_model_computes(name):
     tc = make_toolchain(name)
@@ -210,6 +211,7 @@ def test_blocks_cut_the_graph_where_one_tensor_carries_the_state():
         assert torch.allclose(h, full[0] if isinstance(full, (tuple, list)) else full, atol=1e-5)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
 def test_reconstruct_lowers_every_block_error_and_converts_to_the_student(name):
     model = make_trained_tiny()

@@ -11,6 +11,7 @@ from dfq_plugins.api import evaluate
 from dfq_plugins.cli import main
 
 
+@pytest.mark.compat
 def test_resnet20_checkpoint_reproduces_its_accuracy(resnet20):
     model, spec, test, pool = resnet20
     assert test.name == "cifar10-test932" and len(test) == 932
@@ -18,6 +19,7 @@ def test_resnet20_checkpoint_reproduces_its_accuracy(resnet20):
     assert pool.images.shape[1:] == (3, 32, 32) and len(pool) == 10000 - 932
 
 
+@pytest.mark.compat
 def test_real_data_beats_noise_at_w4a4_through_fx(resnet20):
     """The harness must be able to see a difference: real calibration beats noise at 4 bits."""
     import dfq_plugins

@@ -38,6 +38,7 @@ def test_noise_is_deterministic_per_seed(tiny):
     assert a.soft_labels.shape == (16, 4) and torch.allclose(a.soft_labels.sum(1), torch.ones(16))
 
 
+@pytest.mark.compat
 def test_zeroq_matches_bn_statistics_better_than_noise(tiny):
     model, spec = tiny
     teacher = Teacher(model, spec)

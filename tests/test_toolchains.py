@@ -26,6 +26,7 @@ def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
         return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("name", TOOLCHAINS)
 def test_w8a8_follows_the_float_model_and_leaves_it_untouched(name):
     model = make_tiny()
@@ -38,6 +39,7 @@ def test_w8a8_follows_the_float_model_and_leaves_it_untouched(name):
     assert q(torch.randn(7, *TINY_SPEC.shape)).shape == (7, 4)
 
 
+@pytest.mark.compat
 def test_fx_4_bits_really_have_16_levels():
     """Weights and activations of the converted FX model stay on a 16-level grid, clamped."""
     model = make_tiny()
@@ -90,6 +92,7 @@ def test_nncf_overflow_fix_reaches_nncf_and_bad_values_are_refused(monkeypatch):
         make_toolchain({"name": "nncf", "overflow_fix": "on"})
 
 
+@pytest.mark.compat
 def test_nncf_bits_reach_its_quantizers():
     q = make_toolchain("nncf").quantize(make_tiny(), QuantScheme.parse("w4a8"), calib())
     bits = {int(m.num_bits) for m in q.modules() if hasattr(m, "num_bits")}

@@ -9,6 +9,7 @@ sidecar is refused before it is parsed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -25,12 +26,19 @@ from torch import nn
 
 from ..device import module_device
 from ..errors import CorruptArtifactError, DFQError
+from ..export_shapes import batch_dynamic_shapes
 from ..io import atomic_write
 from ..spec import InputSpec
 from .sidecar import artifact_files, read_sidecar, sidecar_path, write_sidecar
 
 FORMATS = {"pt2": ".pt2", "openvino": ".xml"}
 DEFAULT_FORMAT = {"torchao-pt2e": "pt2", "torch-ao-fx": "pt2", "nncf": "openvino"}
+# What a .pt2 program's operators need imported before torch.export can resolve them (the
+# quantized_decomposed ops register on import), by the toolchain that made it: (module, pip package).
+PT2_RUNTIME = {
+    "torchao-pt2e": [("torchao.quantization.pt2e", "torchao")],
+    "torch-ao-fx": [("torch.ao.quantization.fx._decomposed", "torch (a release that still ships torch.ao)")],
+}
 
 
 class ExportError(DFQError, ValueError):
@@ -116,13 +124,11 @@ def without_unused_tensors(model: nn.Module) -> nn.Module:
 
 
 def _export_pt2(qmodel: nn.Module, path: Path, example: torch.Tensor) -> None:
-    from torch.export import Dim
-
     qmodel = without_unused_tensors(qmodel)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(qmodel, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+            program = torch.export.export(qmodel, (example,), dynamic_shapes=batch_dynamic_shapes(1))
     except Exception as exc:  # torch.export raises many types; name the usual cause
         packed = "PackedParams" in str(exc) or "__obj_flatten__" in str(exc)
         hint = ("torch.ao FX's int8 model holds fbgemm packed-weight objects that torch.export cannot write; "
@@ -159,6 +165,23 @@ def _openvino() -> Any:
         raise ExportError("the openvino format needs OpenVINO: pip install -e 'adapters/nncf[openvino]' "
                           "(or pip install openvino)") from exc
     return ov
+
+
+def import_pt2_runtime(info: dict[str, Any]) -> None:
+    """Import what registers the program's operators, named by the sidecar's toolchain: in a new
+    process torch.export cannot resolve ``quantized_decomposed`` ops until their package is imported."""
+    toolchain = str(info.get("toolchain"))
+    needs = PT2_RUNTIME.get(toolchain) or [m for ms in PT2_RUNTIME.values() for m in ms]
+    for module, package in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            if toolchain not in PT2_RUNTIME:
+                continue  # unknown maker: import what is there, let torch.export name a missing op
+            made_with = (info.get("versions") or {}).get(package.split()[0])
+            raise ExportError(f"this artefact was made with {toolchain}"
+                              f"{f' ({package.split()[0]} {made_with})' if made_with else ''} and its operators "
+                              f"need {package} to load: pip install {package.split()[0]} ({exc})") from exc
 
 
 @contextlib.contextmanager
@@ -265,6 +288,7 @@ def load(path: str | Path, *, verify: bool = True, threads: int | None = None,
     fmt = info.get("format")
     if fmt == "pt2":
         refuse_pickle(path)
+        import_pt2_runtime(info)
         with weights_only_loads(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = torch.export.load(str(path)).module()

@@ -12,6 +12,7 @@ from torch import nn
 
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
+from dfq_plugins.export_shapes import batch_dynamic_shapes
 from dfq_plugins.quant.biascorrect import pt2e_layers
 from dfq_plugins.quant.learnable import make_ranges_learnable
 from dfq_plugins.quant.protocols import apply_protocol
@@ -83,8 +84,7 @@ def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False
 
 def export_dynamic_batch(model: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
     """``torch.export`` with dimension 0 of every input dynamic, so any batch size evaluates."""
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} for _ in example_inputs)
+    shapes = batch_dynamic_shapes(len(example_inputs))
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=shapes).module()
     except Exception as exc:
