@@ -101,6 +101,7 @@ def test_model_recipes_fill_in_source_defaults():
     assert s["sources"]["zeroq"] == {"iterations": 100, "synthesis_batch_size": 32, "lr": 0.1}
 
 
+@pytest.mark.compat
 def test_pt2e_annotates_every_conv_of_efficientnet_lite0():
     """Regression: a Conv2d subclass hid Lite0's convs from X86InductorQuantizer (2 observers in all)."""
     from dfq_torch_ao.pt2e import export_dynamic_batch, quantizer_for

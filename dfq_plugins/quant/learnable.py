@@ -48,7 +48,7 @@ def _learnable_for(flavour: str, old: nn.Module) -> nn.Module:
         new._initialize_or_update_qparams(scale, zero_point)
         new.enable_range_learning()
     new.fake_quant_enabled.copy_(old.fake_quant_enabled)
-    return new
+    return new.to(old.fake_quant_enabled.device)  # built on the CPU; the student may live on a GPU
 
 
 def make_ranges_learnable(student: nn.Module, flavour: str) -> list[nn.Parameter]:

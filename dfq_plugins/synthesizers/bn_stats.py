@@ -108,8 +108,9 @@ class BNStatsLoss:
         if self.margin < 0:
             raise ValueError("BN-statistics margin must be >= 0")
 
-    def layer_weights(self, n: int) -> torch.Tensor:
-        w = torch.ones(n)
+    def layer_weights(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Per-layer weights of the loss, on ``device`` (the statistics' device; CPU by default)."""
+        w = torch.ones(n, device=device)
         if self.layer_weighting == "first_layer_multiplier":
             w[0] = self.first_layer_multiplier
         return w if self.layer_weighting == "sum" else w / w.sum()
@@ -133,7 +134,7 @@ class BNStatsLoss:
         for s, t in zip(stats, targets):
             d = self._distance(s.mean - t.mean) + self._distance(s.spread - t.spread)
             per_layer.append(d.mean() if d.dim() else d)  # per-sample statistics: mean over images
-        w = self.layer_weights(len(per_layer)) if weights is None else weights
+        w = self.layer_weights(len(per_layer), per_layer[0].device) if weights is None else weights
         return (torch.stack(per_layer) * w).sum()
 
 

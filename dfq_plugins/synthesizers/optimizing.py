@@ -278,7 +278,7 @@ class OptimizingSynthesizer(Synthesizer):
         bn_modules = [m for _, m in teacher.bn_layers()]
         recorder = BNStatsRecorder(bn_modules, self.statistic, self.bn_per_sample)
         goal = running_targets(bn_modules, self.statistic)
-        weights = self.bn_loss.layer_weights(len(goal))
+        weights = self.bn_loss.layer_weights(len(goal), teacher.device)
         student_rec = (BNStatsRecorder(batchnorm_modules(self._student), self.statistic, self.bn_per_sample)
                        if self._student is not None else None)
         features: list[torch.Tensor] = []

@@ -75,7 +75,7 @@ def optimize_jointly(synth: OptimizingSynthesizer, teacher: Teacher, sizes: list
     bn_modules = [m for _, m in teacher.bn_layers()]
     recorder = BNStatsRecorder(bn_modules, "var")
     goal = running_targets(bn_modules, synth.statistic)
-    weights = synth.bn_loss.layer_weights(len(goal))
+    weights = synth.bn_loss.layer_weights(len(goal), teacher.device)
     features: list[torch.Tensor] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(recorder.record())

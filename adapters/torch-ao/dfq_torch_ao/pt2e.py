@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfq_plugins.data import CalibrationSet
@@ -86,7 +87,10 @@ def export_dynamic_batch(model: nn.Module, example_inputs: tuple) -> torch.fx.Gr
     """``torch.export`` with dimension 0 of every input dynamic, so any batch size evaluates."""
     shapes = batch_dynamic_shapes(len(example_inputs))
     try:
-        return torch.export.export(model, example_inputs, dynamic_shapes=shapes).module()
+        gm = torch.export.export(model, example_inputs, dynamic_shapes=shapes).module()
+        if _layers_hidden_from_quantizer(gm):
+            gm = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=True).module()
+        return gm
     except Exception as exc:
         raise UntraceableModelError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}. "
@@ -95,6 +99,23 @@ def export_dynamic_batch(model: nn.Module, example_inputs: tuple) -> torch.fx.Gr
 
 
 _WEIGHTED_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear")
+
+
+def _layers_hidden_from_quantizer(gm: torch.fx.GraphModule) -> bool:
+    """True when the graph has conv/linear nodes that the quantizers' pattern matcher cannot see.
+
+    X86InductorQuantizer finds layers with ``get_source_partitions``, which reads ``source_fn_stack``.
+    A non-strict export (the default since torch 2.9) does not write it, and before 2.13 the matcher
+    had no fallback: on torch 2.11 nothing was annotated and the "quantized" model stayed in float.
+    A strict export (dynamo) writes it."""
+    from torch.fx.passes.utils.source_matcher_utils import get_source_partitions
+
+    layers = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith(_WEIGHTED_OPS)]
+    if not layers:
+        return False
+    found = get_source_partitions(gm.graph, [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, F.conv1d, F.conv2d,
+                                             F.conv3d, F.linear])
+    return not any(found.values())
 
 
 def unannotated_layers(prepared: torch.fx.GraphModule) -> tuple[list[str], int]:
@@ -109,6 +130,11 @@ def unannotated_layers(prepared: torch.fx.GraphModule) -> tuple[list[str], int]:
 def report_unannotated(prepared: torch.fx.GraphModule) -> None:
     """Warn when the quantizer's pattern matching skipped layers: they would stay in float silently."""
     missing, total = unannotated_layers(prepared)
+    if missing and len(missing) == total:
+        raise UntraceableModelError(
+            f"X86InductorQuantizer annotated none of the {total} conv/linear layers, so nothing would be quantized "
+            f"(torch {torch.__version__}). Its patterns match nn.Conv2d/nn.Linear and their functional forms; use "
+            "toolchain torch-ao-fx or nncf, or report this with your torch and torchao versions.")
     if missing:
         warnings.warn(
             f"X86InductorQuantizer left {len(missing)} of {total} conv/linear layers unquantized "

@@ -1,0 +1,116 @@
+"""Tensors on the wrong device, caught without a GPU.
+
+``FakeDevice`` (tests/device_guard.py) stands in a second device whose tensors hold CPU values,
+and fails any op that mixes them with a CPU tensor. Every source synthesizes end to end on it.
+Learned ranges (the root of ``reconstruct``'s crash on CUDA) are checked on the same stand-in. The ``cuda`` tests run the same pipelines on a real GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dfq_plugins as dfq
+from dfq_plugins import QuantScheme
+from dfq_plugins.api import make_toolchain
+from dfq_plugins.quant.learnable import learned_range_parameters
+from dfq_plugins.synthesizers.bn_stats import BNStatsLoss, LayerStats
+from tests.conftest import TINY_SPEC, make_trained_tiny
+from tests.device_guard import DeviceMismatch, FakeDevice
+
+SOURCES = [("zeroq", {"iterations": 2}), ("intraq", {"iterations": 2}), ("hast", {"iterations": 2}),
+           ("genie", {"iterations": 2}), ("dynadfq", {"iterations": 2}),
+           ("diffdfq", {"base": {"name": "zeroq", "iterations": 2}, "qaware_weight": 0}), ("noise", {}), ("real", {})]
+# diffdfq's quantization-aware term builds an FX student inside synthesis; the stand-in device does not
+# follow observers that resize their buffers in place, so the guard runs diffdfq without it (the cuda
+# tests run it whole).
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_the_guard_fails_an_op_that_mixes_devices_and_lets_moves_through():
+    with FakeDevice() as guard:
+        x = torch.randn(4, 3).to(guard.device)
+        assert x.device == guard.device and (x * 2).device == guard.device
+        assert torch.zeros(3, device=x.device).device == guard.device  # made on the device: fine
+        assert torch.tensor([1.0, 2.0], device=x.device).device == guard.device
+        assert (x * torch.tensor(2.0)).device == guard.device  # a 0-dim CPU scalar is allowed, as on CUDA
+        assert x.cpu().device.type == "cpu" and float(x.sum()) == pytest.approx(float(x.cpu().sum()))
+        with pytest.raises(DeviceMismatch, match="made without a device or left on the CPU"):
+            x * torch.ones(3)  # made without a device
+
+
+def test_the_guard_catches_the_bn_loss_weights_made_on_the_cpu(monkeypatch):
+    """The first GPU bug: BNStatsLoss built its per-layer weights with torch.ones(n) on the CPU."""
+    def on_cpu(self, n, device=None):
+        return torch.ones(n) / n
+
+    with FakeDevice() as guard:
+        stats = [LayerStats(torch.randn(8).to(guard.device), torch.rand(8).to(guard.device)) for _ in range(3)]
+        targets = [LayerStats(torch.zeros(8, device=guard.device), torch.ones(8, device=guard.device))] * 3
+        assert BNStatsLoss()(stats, targets).device == guard.device
+        monkeypatch.setattr(BNStatsLoss, "layer_weights", on_cpu)
+        with pytest.raises(DeviceMismatch):
+            BNStatsLoss()(stats, targets)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return torch.randn(16, *TINY_SPEC.shape), torch.randint(0, 4, (16,))
+
+
+@pytest.mark.parametrize("name, options", SOURCES, ids=[s for s, _ in SOURCES])
+def test_every_source_synthesizes_on_a_second_device(name, options, pool):
+    model = make_trained_tiny()
+    with FakeDevice() as guard:
+        cs = dfq.synthesize(model, {"name": name, **options}, input_spec=TINY_SPEC, num_samples=8, batch_size=4,
+                            progress=False, cache=False, device=str(guard.device),
+                            data=pool if name == "real" else None)
+        ran_there = guard.ops_on_device
+    assert cs.images.device.type == "cpu" and torch.isfinite(cs.images).all()  # sets are stored on the CPU
+    assert ran_there > (50 if options else 0)  # the work really ran on the device
+    assert next(model.parameters()).device.type == "cpu"  # the user's model is given back where it was
+
+
+@pytest.mark.parametrize("name", ["torch-ao-fx", "torchao-pt2e"])
+def test_learned_ranges_follow_the_students_device(name):
+    """The second GPU bug: reconstruct's learnable fake-quants were built on the CPU, so the block inputs
+    followed them there while the weights stayed on the GPU."""
+    chain = make_toolchain(name)
+    calib = dfq.synthesize(make_trained_tiny(), "noise", input_spec=TINY_SPEC, num_samples=16, batch_size=8,
+                           progress=False, cache=False)
+    student = chain.quantize(make_trained_tiny(), QuantScheme.parse("w4a4"), calib, trainable=True)
+    quantizers = [m for m in student.modules() if hasattr(m, "fake_quant_enabled")]
+    with FakeDevice() as guard:
+        for m in quantizers:  # (a torch.export GraphModule's own weights cannot be swapped to the stand-in)
+            m.to(guard.device)
+        chain.make_ranges_learnable(student)
+    params = learned_range_parameters(student)
+    assert params and {p.device for p in params} == {guard.device}
+    assert {t.device for m in student.modules() if hasattr(m, "fake_quant_enabled")
+            for t in (*m.parameters(), *m.buffers())} == {guard.device}
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("name, options", SOURCES, ids=[s for s, _ in SOURCES])
+def test_every_source_on_cuda(name, options, pool):
+    options = {k: v for k, v in options.items() if k != "qaware_weight"}
+    cs = dfq.synthesize(make_trained_tiny(), {"name": name, **options}, input_spec=TINY_SPEC, num_samples=8,
+                        batch_size=4, progress=False, cache=False, device="cuda",
+                        data=pool if name == "real" else None)
+    assert torch.isfinite(cs.images).all()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("toolchain", ["torch-ao-fx", "torchao-pt2e", "nncf"])
+@pytest.mark.parametrize("distill", [None, "kd", "gdfq", "adadfq", "causal", "diffdfq", "reconstruct"])
+def test_quantize_and_distill_on_cuda(toolchain, distill):
+    if distill == "reconstruct" and toolchain == "nncf":
+        pytest.skip("reconstruct needs a graph student")
+    model = make_trained_tiny()
+    source = "diffdfq" if distill == "diffdfq" else "zeroq"
+    q = dfq.quantize(model, toolchain=toolchain, scheme="w4a8" if toolchain == "nncf" else "w4a4", source=source,
+                     input_spec=TINY_SPEC, num_samples=16, batch_size=8, device="cuda",
+                     **({"distill": distill, "steps": 3} if distill else {}))
+    x = torch.randn(8, *TINY_SPEC.shape, device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
