@@ -188,16 +188,20 @@ def import_pt2_runtime(info: dict[str, Any]) -> None:
 def weights_only_loads() -> Iterator[None]:
     """``torch.load`` that refuses to unpickle anything but tensors and plain containers.
 
-    ``torch.export.load`` retries a failed weights-only load with a full unpickle; within this
-    context that retry raises instead."""
+    ``torch.export.load`` retries a failed weights-only load with a full unpickle (before torch 2.10 it
+    always asks for one); within this context every load is weights-only, and one that needs more raises."""
     original = torch.load
 
     def strict(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("weights_only") is False:
-            raise CorruptArtifactError("the program's weights need a full unpickle (custom objects); "
-                                       "dfq_plugins never unpickles a deployed artefact")
+        asked_for_unpickle = kwargs.get("weights_only") is False  # torch < 2.10 always asks; plain tensors load
         kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:
+            if not asked_for_unpickle:
+                raise
+            raise CorruptArtifactError("the program's weights need a full unpickle (custom objects); "
+                                       "dfq_plugins never unpickles a deployed artefact") from exc
 
     torch.load = strict
     try:
