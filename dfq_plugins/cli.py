@@ -13,6 +13,7 @@ from typing import Any
 from . import distributed, plugins
 from .custom_model import is_custom_model, load_custom_model
 from .errors import AssetsMissingError, DFQError
+from .imagefolder import TRANSFORMS
 from .recipes import apply_overrides, load_recipe, split_list
 
 DEFAULTS: dict[str, Any] = {
@@ -23,9 +24,10 @@ DEFAULTS: dict[str, Any] = {
 
 SPEC_KEYS = ["input_shape", "mean", "std", "num_classes", "pixel_range"]  # a custom model's InputSpec
 COMMAND_KEYS: dict[str, list[str]] = {
-    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", "data", "device", *SPEC_KEYS],
+    "synthesize": ["model", "source", "images", "seed", "batch_size", "out", "data", "image_transform", "device",
+                   *SPEC_KEYS],
     "quantize": ["model", "toolchain", "scheme", "source", "images", "seed", "batch_size", "distill", "steps",
-                 "data", "test_dir", "device", "export", *SPEC_KEYS],
+                 "data", "test_dir", "image_transform", "device", "export", *SPEC_KEYS],
     "bench": ["model", "toolchain", "scheme", "source", "images", "seeds", "batch_size", "json", "md", "test_limit",
               "distill", "steps", "rows", "row_seeds", "device"],
     "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
@@ -103,6 +105,8 @@ def _check_numbers(merged: dict[str, Any], command: str) -> None:
     if "seeds" in keys and merged.get("seeds") is not None:
         for v in split_list(merged["seeds"]):
             check_number("seeds", v, minimum=0)
+    if merged.get("image_transform") is not None and merged["image_transform"] not in TRANSFORMS:
+        raise DFQError(f"image_transform = {merged['image_transform']!r}; choose one of {', '.join(TRANSFORMS)}")
 
 
 def _check_plugins(merged: dict[str, Any], command: str, unused_defaults: set[str]) -> None:
@@ -180,7 +184,8 @@ def _calibration_data(s: dict[str, Any], model: Any, spec: Any, entry: Any, quie
     if s["source"] == "real" and s.get("data"):
         from .imagefolder import load_image_folder
 
-        folder = load_image_folder(s["data"], spec)
+        folder = load_image_folder(s["data"], spec, transform=s.get("image_transform") or "auto")
+        print(f"--data {folder.note}")
         pool = folder.images if bool((folder.labels < 0).any()) else (folder.images, folder.labels)
     elif s["source"] == "real" and entry is None:
         raise DFQError("source 'real' with your own model needs your images: --data DIR (a folder of images, or "
@@ -289,7 +294,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if s.get("test_dir"):
             from .imagefolder import load_image_folder
 
-            test = load_image_folder(s["test_dir"], spec)
+            test = load_image_folder(s["test_dir"], spec, transform=s.get("image_transform") or "auto")
+            print(f"--test-dir {test.note}")
             if bool((test.labels < 0).any()):
                 raise DFQError(f"--test-dir {s['test_dir']}: a test set needs one sub-folder per class")
         else:
@@ -384,7 +390,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.test_dir:
         from .imagefolder import load_image_folder
 
-        test = load_image_folder(args.test_dir, spec)
+        test = load_image_folder(args.test_dir, spec, transform=args.image_transform)
+        print(f"--test-dir {test.note}")
     else:
         name = args.model or info.get("model")
         entry = plugins.get("models", name).obj if name and not is_custom_model(name) else None
@@ -560,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--num-classes", dest="num_classes", type=int, help="number of logits")
         sp.add_argument("--pixel-range", dest="pixel_range", help="low,high of raw pixels (default 0,1)")
         sp.add_argument("--data", help="--source real: a folder of your images (flat, or one sub-folder per class)")
+        image_transform(sp)
+
+    def image_transform(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--image-transform", dest="image_transform", choices=TRANSFORMS,
+                        help="how --data/--test-dir images reach the input size: auto (default: unchanged when "
+                        "already that size, else imagenet), imagenet (resize 256/224 + centre crop), resize, none")
 
     sp = sub.add_parser("synthesize", help="make a calibration set and save it")
     common(sp)
@@ -681,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path", help="the .pt2 or .xml written by dfq quantize --export")
     sp.add_argument("--model", help="evaluate on this model plugin's test set (default: the one it was made for)")
     sp.add_argument("--test-dir", dest="test_dir", help="evaluate on your images: one sub-folder per class")
+    sp.add_argument("--image-transform", dest="image_transform", choices=TRANSFORMS, default="auto",
+                    help="how --test-dir images reach the input size (see dfq quantize --help)")
     sp.add_argument("--test-limit", dest="test_limit", type=int, help="the first N test images only")
     sp.add_argument("--compile", action="store_true", help="pt2: run through torch.compile (x86 Inductor int8 kernels)")
     sp.add_argument("--latency", action="store_true", help="median latency at batch 1 and 32")

@@ -18,6 +18,7 @@ class EvalSet:
     name: str
     images: torch.Tensor
     labels: torch.Tensor
+    note: str = ""  # how the images were made, for the user (e.g. which transform an image folder ran)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
