@@ -2,7 +2,8 @@
 
 ``FakeDevice`` (tests/device_guard.py) stands in a second device whose tensors hold CPU values,
 and fails any op that mixes them with a CPU tensor. Every source synthesizes end to end on it.
-Learned ranges (the root of ``reconstruct``'s crash on CUDA) are checked on the same stand-in. The ``cuda`` tests run the same pipelines on a real GPU."""
+FX and PT2E calibrate, correct biases, convert and run there; every distiller trains there (NNCF's
+own tensor backend knows only 'cpu' and 'cuda', so NNCF is left to the ``cuda`` tests). The ``cuda`` tests run the same pipelines on a real GPU."""
 from __future__ import annotations
 
 import pytest
@@ -18,10 +19,10 @@ from tests.device_guard import DeviceMismatch, FakeDevice
 
 SOURCES = [("zeroq", {"iterations": 2}), ("intraq", {"iterations": 2}), ("hast", {"iterations": 2}),
            ("genie", {"iterations": 2}), ("dynadfq", {"iterations": 2}),
-           ("diffdfq", {"base": {"name": "zeroq", "iterations": 2}, "qaware_weight": 0}), ("noise", {}), ("real", {})]
-# diffdfq's quantization-aware term builds an FX student inside synthesis; the stand-in device does not
-# follow observers that resize their buffers in place, so the guard runs diffdfq without it (the cuda
-# tests run it whole).
+           ("diffdfq", {"base": {"name": "zeroq", "iterations": 2}}), ("noise", {}), ("real", {})]
+DISTILLERS = [("torch-ao-fx", "kd"), ("torch-ao-fx", "gdfq"), ("torch-ao-fx", "adadfq"), ("torch-ao-fx", "causal"),
+              ("torch-ao-fx", "diffdfq"), ("torch-ao-fx", "reconstruct"), ("torchao-pt2e", "reconstruct"),
+              ("torchao-pt2e", "kd"), ("torch-ao-fx", "reconstruct+kd")]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -86,6 +87,38 @@ def test_learned_ranges_follow_the_students_device(name):
     assert params and {p.device for p in params} == {guard.device}
     assert {t.device for m in student.modules() if hasattr(m, "fake_quant_enabled")
             for t in (*m.parameters(), *m.buffers())} == {guard.device}
+
+
+def _on_device(guard: FakeDevice, **kwargs):
+    model = make_trained_tiny()
+    calib = dfq.synthesize(model, kwargs.pop("source", "noise"), input_spec=TINY_SPEC, num_samples=16, batch_size=8,
+                           progress=False, cache=False)
+    q = dfq.quantize(model, source=calib, input_spec=TINY_SPEC, device=str(guard.device), progress=False,
+                     cache=False, **kwargs)
+    with torch.no_grad():
+        return q(torch.randn(4, *TINY_SPEC.shape).to(guard.device))
+
+
+@pytest.mark.parametrize("toolchain", ["torch-ao-fx", "torchao-pt2e"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a4", "w4a4-wmse-ahist-bcbn-protoB"])
+def test_calibration_bias_correction_and_convert_run_on_a_second_device(toolchain, scheme):
+    if toolchain == "torch-ao-fx" and scheme == "w8a8":
+        pytest.skip("FX's int8 model runs on fbgemm kernels, which are CPU-only")
+    with FakeDevice() as guard:
+        out = _on_device(guard, toolchain=toolchain, scheme=scheme)
+        ran_there = guard.ops_on_device
+    assert out.device == guard.device and torch.isfinite(out.cpu()).all() and ran_there > 100
+
+
+@pytest.mark.parametrize("toolchain, distill", DISTILLERS, ids=[f"{t}-{d}" for t, d in DISTILLERS])
+def test_every_distiller_trains_on_a_second_device(toolchain, distill):
+    stages = [{"name": d, **({"warmup_steps": 0} if d in ("gdfq", "adadfq", "causal") else {}),
+               **({"steps": 3} if d == "reconstruct" else {})} for d in distill.split("+")]
+    with FakeDevice() as guard:
+        out = _on_device(guard, toolchain=toolchain, scheme="w4a4", distill=stages, steps=3,
+                         source={"name": "diffdfq", "base": "noise", "qaware_weight": 0} if distill == "diffdfq" else "noise")
+        ran_there = guard.ops_on_device
+    assert out.device == guard.device and torch.isfinite(out.cpu()).all() and ran_there > 1000
 
 
 @cuda

@@ -79,16 +79,17 @@ def test_imagenet_jpegs_with_the_imagenet_transform_give_the_val1300_figure(tmp_
     except AssetsMissingError as exc:
         pytest.skip(f"evaluation assets absent: {exc}")
     model, spec = entry.load()
+    root = tmp_path / "val"  # (tmp_path also holds the test's cache)
     with tarfile.open(archive) as tar:
         members = {m.name.lstrip("./"): m for m in tar.getmembers()}
         listing = [line for line in tar.extractfile(members["dataset.txt"]).read().decode().splitlines() if line]
         for c in range(spec.num_classes):
-            (tmp_path / f"{c:04d}").mkdir()
+            (root / f"{c:04d}").mkdir(parents=True)
         for i, line in enumerate(listing[:IMAGENET_TEST_COUNT]):
             name, label = (s.strip() for s in line.split(","))
             data = tar.extractfile(members[name.lstrip("./")]).read()
-            (tmp_path / f"{int(label):04d}" / f"{i:04d}{name[name.rfind('.'):]}").write_bytes(data)
-    folder = load_image_folder(tmp_path, spec, transform="imagenet")
+            (root / f"{int(label):04d}" / f"{i:04d}{name[name.rfind('.'):]}").write_bytes(data)
+    folder = load_image_folder(root, spec, transform="imagenet")
     assert torch.equal(folder.labels.sort().values, test.labels.sort().values)
     ours, packaged = evaluate(model, folder.images, folder.labels), evaluate(model, test.images, test.labels)
     assert abs(ours - packaged) <= 0.2, (ours, packaged)
