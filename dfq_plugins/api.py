@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -86,18 +87,45 @@ def _adopt_legacy_set(teacher: Teacher, synth: Any, num_samples: int, seed: int,
             os.replace(legacy.with_suffix(".json"), path.with_suffix(".json"))
 
 
-def load_cached_set(path: Path) -> CalibrationSet:
-    """A cached set, verified; one written before header hashing is re-saved with it (its pixels
-    verified first), so the cache upgrades itself once."""
+def cache_key_fields(teacher: Teacher, synth: Any, num_samples: int, seed: int) -> dict[str, Any]:
+    """What a cached set's manifest must say it holds for the key it is stored under."""
+    return {"teacher": teacher.fingerprint(), "method": synth.name, "method_version": synth.version,
+            "config": json.loads(json.dumps(synth.config_dict(), default=str)), "seed": seed,
+            "num_samples": num_samples, "input_spec": teacher.spec.to_dict()}
+
+
+def unsigned_set_mismatch(cs: CalibrationSet, expected: dict[str, Any]) -> list[str]:
+    """The fields where an unsigned set's manifest disagrees with what its cache key stands for."""
+    manifest = json.loads(json.dumps(cs.manifest, default=str))
+    wanted = json.loads(json.dumps(expected, default=str))
+    return [k for k, v in wanted.items() if manifest.get(k) != v]
+
+
+def load_cached_set(path: Path, expected: dict[str, Any] | None = None) -> CalibrationSet | None:
+    """A cached set, verified. One written before header hashing carries no signature over its
+    manifest: it is re-signed only when its manifest says exactly what its cache key stands for
+    (``expected``, see :func:`cache_key_fields`) and its pixels match its content hash. Otherwise
+    it is moved aside with a warning and None is returned, so the caller synthesizes afresh."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cs = CalibrationSet.load(path)
-    if any("older dfq-plugins" in str(w.message) for w in caught):
-        with contextlib.suppress(OSError):  # a read-only cache keeps the old file; its pixels were verified
-            cs.save(path)
+    unsigned = any("older dfq-plugins" in str(w.message) for w in caught)
     for w in caught:
         if "older dfq-plugins" not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not unsigned:
+        return cs
+    wrong = ["the cache key to check it against"] if expected is None else unsigned_set_mismatch(cs, expected)
+    if wrong:
+        aside = path.with_name(path.name + ".rejected")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        warnings.warn(f"{path.name} has no signature over its manifest, and its manifest does not say what its "
+                      f"cache key stands for ({', '.join(wrong)}); it was moved to {aside.name} and the set is "
+                      "synthesized afresh", stacklevel=2)
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache keeps the old file; its pixels and manifest were checked
+        cs.save(path)
     return cs
 
 
@@ -138,7 +166,14 @@ def synthesize(model: nn.Module | str, source: str | dict[str, Any] = "zeroq", *
             raise distributed.DistributedError(
                 f"rank {world.rank} cannot see {path}, which rank 0 has: every rank needs the same cache, so put "
                 "DFQ_CACHE on a filesystem all nodes share")
-        cs = load_cached_set(path)
+        # rank 0 checks (and may re-sign or set aside) the file; the others read what it decided on
+        cs = load_cached_set(path, cache_key_fields(teacher, synth, num_samples, seed)) if world.is_main else None
+        if not distributed.agree(cs is not None, world):
+            return _synthesize_now(synth, teacher, num_samples, seed, batch_size, progress, path)
+        if cs is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # rank 0 has said it already
+                cs = CalibrationSet.load(path)
         log.info("reusing the cached %s set %s (%d images)", synth.name, path.name, cs.num_samples)
         return cs.with_batch_size(batch_size) if cs.batch_size != batch_size else cs
 

@@ -541,6 +541,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfq", description="Data-free calibration for torch.ao FX, torchao PT2E, NNCF")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or DFQ_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("plugins", help="list plugins, their distributions and what they register")
@@ -750,7 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished batches and bench records are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except (DFQError, ValueError, FileNotFoundError) as exc:
+    except (DFQError, ValueError, OSError) as exc:  # OSError: a cache on a file, a full or read-only disk
+        if args.debug or os.environ.get("DFQ_DEBUG", "") not in ("", "0"):
+            raise
         print(f"dfq: error: {exc}", file=sys.stderr)
         return 2
 

@@ -129,3 +129,20 @@ def cache_root() -> Path:
     """``$DFQ_CACHE`` or ``~/.cache/dfq_plugins``."""
     env = os.environ.get("DFQ_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "dfq_plugins"
+
+
+def load_weights_file(path: str | Path) -> Any:
+    """``torch.load`` of a weights file, tensors and plain containers only. A file that needs more
+    (a crafted or foreign pickle) is refused with our own message: torch's advice to retry with
+    ``weights_only=False`` would run whatever code the file carries."""
+    import pickle
+
+    from .errors import CorruptArtifactError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptArtifactError(
+            f"{path} is not a plain weights file ({type(exc).__name__}: {first[:160]}); dfq_plugins loads "
+            "tensors only and never unpickles code. Replace it with the original weights file") from None

@@ -75,7 +75,7 @@ class OnDevice(torch.Tensor):
                         "to host memory first.")
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if isinstance(args[0] if args else None, torch.Tensor):
             device = args[0].device
         with _paused():

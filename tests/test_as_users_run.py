@@ -30,7 +30,7 @@ def dfq_command() -> list[str]:
 def run(args: list[str], env: dict[str, str], cwd: Path, *, expect: int = 0, timeout: int = 600
         ) -> subprocess.CompletedProcess[str]:
     """One command in a new process; fails the test with its output when the exit code differs."""
-    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == expect, (f"{' '.join(args)} exited {done.returncode}, expected {expect}\n"
                                        f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
     return done

@@ -60,7 +60,7 @@ def python_for(version: str) -> str:
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     candidates = [shutil.which(f"python{version}"), *sorted(map(str, pyenv.glob(f"{version}.*/bin/python{version}")))]
     for found in filter(None, candidates):
-        if subprocess.run([found, "-c", "pass"], capture_output=True).returncode == 0:
+        if subprocess.run([found, "-c", "pass"], capture_output=True, check=False).returncode == 0:
             return found
     raise RuntimeError(f"no working python{version}; install it (pyenv install {version}) or skip it with --only")
 
@@ -70,7 +70,7 @@ def sh(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: f
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(args)}\n")
         f.flush()
-        done = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout)
+        done = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout, check=False)
     if done.returncode:
         tail = log.read_text().splitlines()[-15:]
         raise RuntimeError(f"{' '.join(args[:4])}... exited {done.returncode}:\n" + "\n".join(tail))
@@ -105,7 +105,8 @@ def run_smoke(venv: Path, log: Path, junit: Path) -> None:
         f.write("\n$ pytest -m compat\n")
         f.flush()
         subprocess.run([str(venv / "bin" / "python"), "-m", "pytest", "-m", "compat", "-q", "-p", "no:cacheprovider",
-                        f"--junitxml={junit}"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=3600)
+                        f"--junitxml={junit}"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=3600,
+                       check=False)
 
 
 def junit_results(junit: Path) -> list[dict[str, object]]:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import load_weights_file
 from ..spec import InputSpec
 
 CIFAR_SPEC = InputSpec(shape=(3, 32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=10)
@@ -68,7 +69,7 @@ def load_cifar_resnet(depth: int, weights: str | None) -> CifarResNet:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     model = CifarResNet((depth - 2) // 6)
     if weights is not None:
-        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+        ckpt = load_weights_file(weights)
         state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
         model.load_state_dict(state, strict=True)
     return model.eval()

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..io import load_weights_file
 from ..spec import InputSpec
 
 LITE0_SPEC = InputSpec(shape=(3, 224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, num_classes=1000,
@@ -112,6 +113,6 @@ def lite0_weights_path() -> str:
 def load_efficientnet_lite0(weights: str | None) -> EfficientNetLite:
     model = EfficientNetLite()
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_weights_file(weights)
         model.load_state_dict(state, strict=True)
     return model.eval()

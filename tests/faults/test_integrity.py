@@ -72,14 +72,31 @@ def test_an_edited_manifest_is_refused(tmp_path):
         CalibrationSet.load(path)
 
 
-def test_an_older_set_without_a_header_hash_loads_with_a_warning_and_the_cache_upgrades_it(tmp_path):
-    path = saved_set(tmp_path)
-    edit_header(path, lambda h: h.pop("header_hash"))
+def cached_unsigned_set(edit=None):
+    """A set synthesized into the cache, then stripped of its header hash as older versions wrote it
+    (and, with ``edit``, its manifest changed as well)."""
+    cs = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=8, progress=False)
+    (path,) = (cache_root() / "calibration").glob("*.safetensors")
+    edit_header(path, lambda h: (h.pop("header_hash"), edit and edit(h)))
+    return cs, path
+
+
+def test_an_older_set_whose_manifest_matches_its_key_is_reused_and_re_signed():
+    made, path = cached_unsigned_set()
     with pytest.warns(UserWarning, match="older dfq-plugins"):
         CalibrationSet.load(path)
-    from dfq_plugins.api import load_cached_set
-
-    load_cached_set(path)
+    again = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=8, progress=False)
+    assert again.content_hash() == made.content_hash()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        CalibrationSet.load(path)  # upgraded: no warning now
+        CalibrationSet.load(path)  # upgraded: signed now, no warning
+
+
+def test_an_edited_unsigned_manifest_is_never_re_signed_and_the_set_is_made_afresh():
+    """The defect: an unsigned set with an edited manifest (mean 9, std 0.001) was reused and re-signed."""
+    made, path = cached_unsigned_set(lambda h: h["manifest"]["input_spec"].update(mean=[9.0] * 3, std=[0.001] * 3))
+    with pytest.warns(UserWarning, match="does not say what its cache key stands for .*input_spec"):
+        again = dfq_plugins.synthesize(make_tiny(), SOURCE, input_spec=TINY_SPEC, num_samples=8, progress=False)
+    assert again.manifest["input_spec"] == TINY_SPEC.to_dict() and again.content_hash() == made.content_hash()
+    assert CalibrationSet.load(path).manifest["input_spec"]["mean"] == list(TINY_SPEC.mean)  # a fresh, signed set
+    assert path.with_name(path.name + ".rejected").exists()  # the suspect file is kept aside, not re-signed
