@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import typing
 from typing import Any
 
@@ -111,4 +112,41 @@ def check_keys(keys: dict[str, Any], allowed: list[str], where: str, elsewhere: 
         raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, allowed)} Known: {', '.join(allowed)}")
 
 
-__all__ = ["ConfigError", "check_keys", "check_number", "declared_options", "validate_options"]
+# An option's valid range: (low, high, low included, high included); None is unbounded.
+Bound = tuple[float | None, float | None, bool, bool]
+POSITIVE: Bound = (0, None, False, False)
+NON_NEGATIVE: Bound = (0, None, True, False)
+AT_LEAST_ONE: Bound = (1, None, True, False)
+UNIT: Bound = (0, 1, True, True)
+UNIT_OPEN_ABOVE: Bound = (0, 1, True, False)
+
+
+def _describe(bound: Bound) -> str:
+    lo, hi, lo_in, hi_in = bound
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_declared(obj: Any, bounds: dict[str, Bound], choices: dict[str, tuple], what: str) -> None:
+    """Every bounded option inside its range and every enumerated one among its choices, with a
+    message that names the option as the user writes it (``kd.lr``): checked when a plugin is
+    built, which the CLI and API do before any work."""
+    for key, bound in bounds.items():
+        value = getattr(obj, key, None)
+        if value is None or isinstance(value, bool):
+            continue
+        lo, hi, lo_in, hi_in = bound
+        bad = math.isnan(value)
+        bad = bad or (lo is not None and (value < lo or (value == lo and not lo_in)))
+        bad = bad or (hi is not None and (value > hi or (value == hi and not hi_in)))
+        if bad:
+            raise ConfigError(f"{what}.{key} = {value!r}: must be {_describe(bound)}")
+    for key, allowed in choices.items():
+        value = getattr(obj, key, None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{what}.{key} = {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+
+__all__ = ["AT_LEAST_ONE", "NON_NEGATIVE", "POSITIVE", "UNIT", "UNIT_OPEN_ABOVE", "Bound", "ConfigError",
+           "check_declared", "check_keys", "check_number", "declared_options", "validate_options"]

@@ -23,8 +23,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..config import NON_NEGATIVE, UNIT, Bound
 from ..losses import entropy
-from .kd import OnlineDistiller
+from .kd import KDDistiller, OnlineDistiller
 from .loop import TrainingRun
 
 
@@ -39,6 +40,9 @@ class AdaDFQDistiller(OnlineDistiller):
     lambda_u: float = 0.8
     beta: float = 1.0
     gamma: float = 1.0
+    extra_bounds: ClassVar[dict[str, Bound]] = {
+        **KDDistiller.extra_bounds, "alpha_ds": NON_NEGATIVE, "alpha_as": NON_NEGATIVE, "lambda_l": UNIT,
+        "lambda_u": UNIT, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE}
     batch_min_normalisation: bool = True
 
     def __post_init__(self) -> None:

@@ -8,9 +8,21 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_OPEN_ABOVE,
+    Bound,
+    ConfigError,
+    check_declared,
+)
 from ..data import CalibrationSet
 from ..teacher import Teacher
 from .loop import LR_SCHEDULES, TrainingRun
+
+OPTIMIZERS = ("sgd", "adam")
+RANGE_MODES = ("frozen", "observe", "learned")
 
 
 @dataclass
@@ -46,8 +58,24 @@ class Distiller:
     bn_mode: str = "running"  # running: BN on its running statistics (GDFQ family); batch: BN in train mode
 
     speed_only_fields: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
+    # valid ranges and choices of the options, checked when the distiller is built (before any work);
+    # subclasses add theirs with ``extra_bounds``/``extra_choices``
+    bounds: ClassVar[dict[str, Bound]] = {
+        "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE, "momentum": UNIT_OPEN_ABOVE,
+        "weight_decay": NON_NEGATIVE, "lr_gamma": POSITIVE, "warmup_steps": NON_NEGATIVE,
+        "observer_steps": NON_NEGATIVE, "range_lr_scale": POSITIVE, "time_budget_s": NON_NEGATIVE,
+        "checkpoint_every": NON_NEGATIVE}  # 0: no checkpoints
+    choices: ClassVar[dict[str, tuple]] = {"optimizer": OPTIMIZERS, "ranges": RANGE_MODES,
+                                           "lr_schedule": tuple(LR_SCHEDULES), "bn_mode": ("running", "batch")}
+    extra_bounds: ClassVar[dict[str, Bound]] = {}
+    extra_choices: ClassVar[dict[str, tuple]] = {}
 
     def __post_init__(self) -> None:
+        check_declared(self, {**Distiller.bounds, **self.extra_bounds}, {**Distiller.choices, **self.extra_choices},
+                       self.name)
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ConfigError(f"{self.name}.lr_milestones = {list(self.lr_milestones)}: fractions of the run, "
+                              "each in (0, 1)")
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if self.batch_size < 1:

@@ -22,9 +22,10 @@ from typing import ClassVar
 
 import torch
 
+from ..config import AT_LEAST_ONE, NON_NEGATIVE, Bound
 from ..losses import kd_loss
 from .batches import apply_shift_flip, shift_flip_draws
-from .kd import OnlineDistiller
+from .kd import KDDistiller, OnlineDistiller
 from .loop import TrainingRun
 
 INTERVENTION_SPACES = ("latent", "pixel")
@@ -51,6 +52,9 @@ class CausalDFQDistiller(OnlineDistiller):
     dr_weight: float = 0.1
     invariance_weight: float = 1.0
     divergence: str = "kl"
+    extra_bounds: ClassVar[dict[str, Bound]] = {
+        **KDDistiller.extra_bounds, "interventions": AT_LEAST_ONE, "style_dim": AT_LEAST_ONE,
+        "dr_weight": NON_NEGATIVE, "invariance_weight": NON_NEGATIVE}
 
     def __post_init__(self) -> None:
         super().__post_init__()

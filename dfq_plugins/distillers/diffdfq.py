@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..config import AT_LEAST_ONE, Bound
 from ..diffusion import DiffusionLevels
 from .batches import sample_batch
 from .kd import KDDistiller
@@ -31,6 +32,8 @@ class DiffDFQDistiller(KDDistiller):
     epoch_steps: int = 50
     window: int = 2
     score_chunk: int = 256
+    extra_bounds: ClassVar[dict[str, Bound]] = {
+        **KDDistiller.extra_bounds, "epoch_steps": AT_LEAST_ONE, "window": AT_LEAST_ONE, "score_chunk": AT_LEAST_ONE}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound
 from ..losses import kd_loss
 from ..synthesizers.bn_stats import (
     BNStatsLoss,
@@ -50,6 +51,9 @@ class KDDistiller(Distiller):
     bns_weight: float = 0.1
     latent_dim: int = 100
     generator_width: int = 128
+    extra_bounds: ClassVar[dict[str, Bound]] = {
+        "temperature": POSITIVE, "kd_weight": NON_NEGATIVE, "ce_weight": NON_NEGATIVE,
+        "generator_lr": POSITIVE, "bns_weight": NON_NEGATIVE, "latent_dim": AT_LEAST_ONE, "generator_width": AT_LEAST_ONE}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import distributed
+from ..config import POSITIVE, UNIT, Bound
 from ..data import CalibrationSet
 from ..progress import progress_bar
 from ..quant.blocks import Block, BlockRunner, block_parameters, find_blocks
@@ -81,6 +82,7 @@ class ReconstructDistiller(Distiller):
     qdrop: float = 0.5
     ranges: str = "learned"
     loss: str = "mse"
+    extra_bounds: ClassVar[dict[str, Bound]] = {"range_lr": POSITIVE, "qdrop": UNIT}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -113,3 +113,36 @@ def test_export_still_happens_when_the_test_images_are_missing(tmp_path, capsys)
         plugins.unregister_plugin("no-test-set")
     assert "no accuracy check: no test images here" in capsys.readouterr().out
     assert out.exists() and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("kd.lr=-1", "kd.lr = -1: must be > 0"),
+    ("kd.optimizer=adamw", "kd.optimizer = 'adamw': choose one of sgd, adam"),
+    ("kd.momentum=1", "kd.momentum = 1: must be in [0, 1)"),
+    ("kd.temperature=0", "kd.temperature = 0: must be > 0"),
+    ("kd.lr_milestones=[0.5,2]", "kd.lr_milestones = [0.5, 2.0]"),
+])
+def test_distiller_options_out_of_range_are_refused_before_any_work(tmp_path, capsys, monkeypatch, setting, message):
+    """The defect: kd.lr=-1 synthesized and calibrated first, then failed with torch's 'Invalid learning rate'."""
+    from dfq_plugins import api
+    from dfq_plugins.cli import main
+    from tests.test_own_model_cli import NET, SPEC
+
+    (tmp_path / "net.py").write_text(NET)
+    monkeypatch.setattr(api, "_synthesize_now", lambda *a, **k: pytest.fail("synthesis ran before the check"))
+    assert main(["quantize", "--model", f"{tmp_path / 'net.py'}:build", *SPEC, "--distill", "kd", "--steps", "2",
+                 "--distill-set", setting, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "calibration data" not in captured.out
+
+
+def test_reconstruct_and_generator_options_have_ranges_too():
+    from dfq_plugins.api import make_distiller
+    from dfq_plugins.config import ConfigError
+
+    for bad, message in [({"name": "reconstruct", "qdrop": 1.5}, "reconstruct.qdrop = 1.5: must be in [0, 1]"),
+                         ({"name": "adadfq", "lambda_u": 2}, "adadfq.lambda_u = 2: must be in [0, 1]"),
+                         ({"name": "causal", "interventions": 0}, "causal.interventions = 0: must be >= 1"),
+                         ({"name": "gdfq", "generator_lr": 0}, "gdfq.generator_lr = 0: must be > 0")]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            make_distiller(bad)
