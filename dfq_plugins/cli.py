@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -247,6 +248,26 @@ def _real_pool(model: str):
     return entry.calibration_pool()
 
 
+def _test_set(s: dict[str, Any], spec: Any, entry: Any) -> Any:
+    """The real test set the result is scored on (--test-dir, or the named model's), or None."""
+    try:
+        if s.get("test_dir"):
+            from .imagefolder import load_image_folder
+
+            test = load_image_folder(s["test_dir"], spec, transform=s.get("image_transform") or "auto")
+            print(f"--test-dir {test.note}")
+            if bool((test.labels < 0).any()):
+                raise DFQError(f"--test-dir {s['test_dir']}: a test set needs one sub-folder per class")
+        else:
+            test = entry.test_set() if entry is not None and entry.test_set else None
+            if entry is None:
+                print("no accuracy check: your own model comes with no test set here (give one with --test-dir)")
+    except AssetsMissingError as exc:
+        print(f"no accuracy check: {exc}")
+        test = None
+    return test
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import evaluate, make_toolchain
     from .scheme import QuantScheme
@@ -268,6 +289,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         distillers = make_distillers(s["distill"], int(s["steps"]) if s.get("steps") else None, s["distillers"])
     model, spec, entry = _placed_model(s)
     print(f"model {s['model']}: input {spec.shape}, {spec.num_classes} classes")
+    test = _test_set(s, spec, entry)  # read (and so checked) before minutes of synthesis and quantization
     t = time.perf_counter()
     cs = _calibration_data(s, model, spec, entry, args.quiet)
     print(f"calibration data: {cs.num_samples} images from '{s['source']}' (seed {s['seed']}) in "
@@ -290,21 +312,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         q = chain.quantize(model, scheme, cs)
     print(f"quantized with {s['toolchain']} at {ran.name} in {time.perf_counter() - t:.1f}s -> "
           f"{type(q).__name__}")
-    try:
-        if s.get("test_dir"):
-            from .imagefolder import load_image_folder
-
-            test = load_image_folder(s["test_dir"], spec, transform=s.get("image_transform") or "auto")
-            print(f"--test-dir {test.note}")
-            if bool((test.labels < 0).any()):
-                raise DFQError(f"--test-dir {s['test_dir']}: a test set needs one sub-folder per class")
-        else:
-            test = entry.test_set() if entry is not None and entry.test_set else None
-            if entry is None:
-                print("no accuracy check: your own model comes with no test set here (give one with --test-dir)")
-    except AssetsMissingError as exc:
-        print(f"no accuracy check: {exc}")
-        test = None
     record: dict[str, Any] = {"model": s["model"]}
     if test is not None:
         fp, acc = evaluate(model, test.images, test.labels), evaluate(q, test.images, test.labels)
@@ -736,12 +743,28 @@ def _join_torchrun_group(args: argparse.Namespace) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
 
 
+def _sigterm_interrupts() -> Any:
+    """SIGTERM (a scheduler, ``kill``, a non-interactive shell's background job) stops a command as
+    Ctrl-C does: finished batches, checkpoints and bench records are kept, one message, rc 130.
+    (The distillation loop installs its own handler, which stops at a step boundary.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     from .progress import configure_cli_logging
 
+    previous_sigterm = _sigterm_interrupts()
     try:
         if distributed.launched_by_torchrun():
             _join_torchrun_group(args)
@@ -756,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dfq: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

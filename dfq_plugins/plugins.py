@@ -219,22 +219,14 @@ def collect(kind: str) -> dict[str, Entry]:
     for impl in sorted(caller.get_hookimpls(), key=lambda i: _rank(i.plugin_name)):
         dist, version = _dist_of_plugin.get(impl.plugin_name, ("(in-process)", ""))
 
+        staged: list[Entry] = []  # a hook that raises contributes nothing, not what it registered first
+
         def register(name: str, obj: Any, _plugin: str = impl.plugin_name, _dist: str = dist,
-                     _version: str = version, **options: Any) -> None:
+                     _version: str = version, _staged: list[Entry] = staged, **options: Any) -> None:
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {_plugin!r} registered a {kind[:-1]} under {name!r}; names are non-empty "
                                   "strings")
-            entry = Entry(kind, name, obj, _plugin, _dist, _version, options)
-            prev = entries.get(name)
-            if prev is not None and prev.plugin != _plugin:
-                owner = wanted.get((kind, name), wanted.get((None, name)))
-                if owner == _plugin:
-                    conflicts.append(NameConflict(kind, name, _plugin, prev.plugin, overridden=True))
-                    entries[name] = entry
-                else:
-                    conflicts.append(NameConflict(kind, name, prev.plugin, _plugin, overridden=owner == prev.plugin))
-                return
-            entries[name] = entry
+            _staged.append(Entry(kind, name, obj, _plugin, _dist, _version, options))
 
         try:
             impl.function(register=register)
@@ -242,8 +234,26 @@ def collect(kind: str) -> dict[str, Entry]:
             failure = PluginFailure(impl.plugin_name, dist, version, f"{hook_name}: {type(exc).__name__}: {exc}")
             if failure not in failures:
                 failures.append(failure)
+            continue
+        for entry in staged:
+            _claim(entries, conflicts, wanted, entry)
     _conflicts[kind] = conflicts
     return entries
+
+
+def _claim(entries: dict[str, Entry], conflicts: list[NameConflict], wanted: dict[Any, str], entry: Entry) -> None:
+    """Give ``entry`` its name unless an earlier plugin holds it (and the user did not pick this one)."""
+    prev = entries.get(entry.name)
+    if prev is not None and prev.plugin != entry.plugin:
+        owner = wanted.get((entry.kind, entry.name), wanted.get((None, entry.name)))
+        if owner == entry.plugin:
+            conflicts.append(NameConflict(entry.kind, entry.name, entry.plugin, prev.plugin, overridden=True))
+            entries[entry.name] = entry
+        else:
+            conflicts.append(NameConflict(entry.kind, entry.name, prev.plugin, entry.plugin,
+                                          overridden=owner == prev.plugin))
+        return
+    entries[entry.name] = entry
 
 
 def conflicts() -> list[NameConflict]:

@@ -19,10 +19,9 @@ from ..config import (
 )
 from ..data import CalibrationSet
 from ..teacher import Teacher
-from .loop import LR_SCHEDULES, TrainingRun
+from .loop import LR_SCHEDULES, RANGE_MODES, TrainingRun
 
 OPTIMIZERS = ("sgd", "adam")
-RANGE_MODES = ("frozen", "observe", "learned")
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Distiller:
         "weight_decay": NON_NEGATIVE, "lr_gamma": POSITIVE, "warmup_steps": NON_NEGATIVE,
         "observer_steps": NON_NEGATIVE, "range_lr_scale": POSITIVE, "time_budget_s": NON_NEGATIVE,
         "checkpoint_every": NON_NEGATIVE}  # 0: no checkpoints
-    choices: ClassVar[dict[str, tuple]] = {"optimizer": OPTIMIZERS, "ranges": RANGE_MODES,
+    choices: ClassVar[dict[str, tuple]] = {"optimizer": OPTIMIZERS, "ranges": tuple(RANGE_MODES),
                                            "lr_schedule": tuple(LR_SCHEDULES), "bn_mode": ("running", "batch")}
     extra_bounds: ClassVar[dict[str, Bound]] = {}
     extra_choices: ClassVar[dict[str, tuple]] = {}

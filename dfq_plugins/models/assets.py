@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AssetsMissingError
+from ..errors import AssetsMissingError, CorruptArtifactError
 from ..io import atomic_write, cache_root
 from ..spec import InputSpec
 from .base import EvalSet
@@ -49,9 +49,26 @@ def _to_normalized(images_nhwc_uint8: np.ndarray, spec: InputSpec) -> torch.Tens
     return spec.normalize(x / 255.0 * (hi - lo) + lo)
 
 
+def _image_archive(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` (uint8, N x H x W x C) and ``labels`` of an .npz, checked: no pickled objects, the
+    right types and shapes; anything else is a clear error naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+    except (ValueError, OSError, KeyError, EOFError) as exc:
+        raise CorruptArtifactError(f"{path} is not a plain image archive ({type(exc).__name__}: {exc}); replace it "
+                                   "with the original asset") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or len(labels) != len(images) \
+            or not np.issubdtype(labels.dtype, np.integer):
+        raise CorruptArtifactError(f"{path}: expected uint8 images N x H x W x C and N integer labels, got "
+                                   f"{images.dtype} {images.shape} and {labels.dtype} {labels.shape}; replace it "
+                                   "with the original asset")
+    return images, labels
+
+
 def cifar10_test932(spec: InputSpec) -> EvalSet:
-    with np.load(asset("cifar10/test932_lossless.npz")) as z:
-        return EvalSet("cifar10-test932", _to_normalized(z["images"], spec), torch.from_numpy(z["labels"]).long())
+    images, labels = _image_archive(asset("cifar10/test932_lossless.npz"))
+    return EvalSet("cifar10-test932", _to_normalized(images, spec), torch.from_numpy(labels).long())
 
 
 def cifar10_jpeg_pool(spec: InputSpec, count: int | None = None) -> EvalSet:

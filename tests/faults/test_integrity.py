@@ -100,3 +100,25 @@ def test_an_edited_unsigned_manifest_is_never_re_signed_and_the_set_is_made_afre
     assert again.manifest["input_spec"] == TINY_SPEC.to_dict() and again.content_hash() == made.content_hash()
     assert CalibrationSet.load(path).manifest["input_spec"]["mean"] == list(TINY_SPEC.mean)  # a fresh, signed set
     assert path.with_name(path.name + ".rejected").exists()  # the suspect file is kept aside, not re-signed
+
+
+def test_a_crafted_test_archive_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """The defect: a crafted .npz test set was refused only after quantization had run."""
+    import numpy as np
+
+    from dfq_plugins import api
+    from dfq_plugins.cli import main
+    from dfq_plugins.models.assets import asset
+
+    try:
+        weights = asset("cifar10/resnet20-12fca82f.th")
+    except Exception as exc:  # noqa: BLE001 - the assets are optional
+        pytest.skip(f"evaluation assets absent: {exc}")
+    root = tmp_path / "assets" / "cifar10"
+    root.mkdir(parents=True)
+    (root / "resnet20-12fca82f.th").symlink_to(weights)
+    np.savez(root / "test932_lossless.npz", images=np.array([{"code": 1}], dtype=object), labels=np.zeros(1))
+    monkeypatch.setenv("DFQ_ASSETS", str(tmp_path / "assets"))
+    monkeypatch.setattr(api, "_synthesize_now", lambda *a, **k: pytest.fail("synthesis ran before the check"))
+    assert main(["quantize", "--model", "cifar10-resnet20", "--images", "8", "--quiet"]) == 2
+    assert "test932_lossless.npz is not a plain image archive" in capsys.readouterr().err

@@ -118,3 +118,29 @@ def test_the_signal_handlers_are_restored():
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     run_kd(None)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sigterm_during_synthesis_keeps_finished_batches_and_says_so(tmp_path):
+    """The defect: SIGTERM in synthesis ended with rc -15 and no message (distillation handled it)."""
+    import subprocess
+    import sys
+    import time
+
+    from ..test_own_model_cli import NET, SPEC
+    from ..test_as_users_run import dfq_command
+
+    (tmp_path / "net.py").write_text(NET)
+    env = {**os.environ, "DFQ_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([*dfq_command(), "synthesize", "--model", f"{tmp_path / 'net.py'}:build", *SPEC,
+                             "--images", "64", "--batch-size", "8", "--set", "zeroq.iterations=400",
+                             "--set", "zeroq.synthesis_batch_size=8"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "cache" / "calibration"
+    deadline = time.monotonic() + 120
+    while not list(partial.glob("*.partial/batch-*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # wait until one batch is finished
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: finished batches" in err and "Traceback" not in err
+    assert list(partial.glob("*.partial/batch-*.safetensors"))  # kept for the rerun

@@ -113,3 +113,23 @@ def test_a_malformed_override_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("DFQ_PLUGIN_OVERRIDES", value)
     with pytest.raises(PluginError, match="DFQ_PLUGIN_OVERRIDES"):
         plugins.collect("synthesizers")
+
+
+def test_a_plugin_whose_hook_raises_contributes_nothing():
+    """The defect: a synthesizer registered before the hook raised stayed registered beside the FAILED line."""
+    from dfq_plugins.errors import UnknownNameError
+
+    class HalfDone:
+        @hookimpl
+        def dfq_register_synthesizers(self, register):
+            register("half-made", ConstantSynth)
+            raise RuntimeError("the rest of this plugin failed")
+
+    plugins.register_plugin(HalfDone(), name="half-done")
+    try:
+        with pytest.raises(UnknownNameError, match="no synthesizer named 'half-made'"):
+            plugins.get("synthesizers", "half-made")
+        assert any(f.name == "half-done" and "the rest of this plugin failed" in f.error for f in plugins.failures)
+        assert plugins.get("synthesizers", "zeroq").plugin == "builtin-sources"  # the others still load
+    finally:
+        plugins.unregister_plugin("half-done")
