@@ -76,18 +76,23 @@ def sh(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: f
         raise RuntimeError(f"{' '.join(args[:4])}... exited {done.returncode}:\n" + "\n".join(tail))
 
 
-def build_venv(entry: Entry, venv: Path, log: Path) -> dict[str, str]:
-    """A fresh venv with torch first (so nothing pulls another build), then the project and pins."""
+def build_venv(entry: Entry, venv: Path, log: Path) -> tuple[dict[str, str], float, bool]:
+    """A fresh venv with torch first (so nothing pulls another build), then the project and pins.
+    Returns the installed versions, the seconds the install took, and whether the venv was reused."""
     stamp = venv / "compat-entry.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == asdict(entry):
-        return installed_versions(venv)
+    if stamp.exists():
+        built = json.loads(stamp.read_text())
+        if {k: built.get(k) for k in asdict(entry)} == asdict(entry):
+            return installed_versions(venv), float(built.get("install_seconds", 0)), True
+    started = time.perf_counter()
     shutil.rmtree(venv, ignore_errors=True)
     sh([python_for(entry.python), "-m", "venv", str(venv)], log)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     sh([*pip, f"torch=={entry.torch}"], log)
     sh([*pip, *PACKAGES, *entry.pins()], log)
-    stamp.write_text(json.dumps(asdict(entry)))
-    return installed_versions(venv)
+    seconds = round(time.perf_counter() - started)
+    stamp.write_text(json.dumps({**asdict(entry), "install_seconds": seconds}))
+    return installed_versions(venv), seconds, False
 
 
 def installed_versions(venv: Path) -> dict[str, str]:
@@ -136,12 +141,11 @@ def run_entry(entry: Entry, root: Path, clean: bool) -> dict[str, object]:
     record: dict[str, object] = {"entry": asdict(entry), "date": time.strftime("%Y-%m-%d")}
     started = time.perf_counter()
     try:
-        record["versions"] = build_venv(entry, venv, log)
+        record["versions"], record["install_seconds"], record["venv_reused"] = build_venv(entry, venv, log)
     except Exception as exc:  # noqa: BLE001 - an install failure is a row of the table, not a crash
         record.update(status="install failed", error=str(exc)[-1500:],
                       install_seconds=round(time.perf_counter() - started))
         return record
-    record["install_seconds"] = round(time.perf_counter() - started)
     started = time.perf_counter()
     junit = root / f"{entry.name}.junit.xml"
     junit.unlink(missing_ok=True)
@@ -156,7 +160,7 @@ def run_entry(entry: Entry, root: Path, clean: bool) -> dict[str, object]:
 
 
 def markdown(records: list[dict[str, object]]) -> str:
-    lines = ["| Python | torch | torchao | NNCF | OpenVINO | result | install | tests | failures |",
+    lines = ["| Python | torch | torchao | NNCF | OpenVINO | result | install (fresh venv) | tests | failures |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         v = r.get("versions") or {**r["entry"], "python": r["entry"]["python"]}  # type: ignore[index]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 23 as one prepared call for the lent device (docs/compat.md, shared/docs/gpu-device.md).
+#
+#   bash tools/gpu_check.sh prepare      # here: wheels (cp312) and assets into .device/ (git-ignored)
+#   bash tools/gpu_check.sh run          # there, through the device tool with carry [".device"]:
+#                                        #   run(command="bash tools/gpu_check.sh run", carry=[".device"], timeout_s=540)
+#   DEVICE=cpu IMAGES=16 bash tools/gpu_check.sh run   # dry run here (cuda tests skip; a small bench on the CPU)
+#
+# Every step has its own timeout and writes under $OUT, so a step that is cut short still returns what
+# the others finished.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+if [ "$mode" = prepare ]; then
+    grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo /.device/ >> .git/info/exclude
+    mkdir -p .device/whl .device/assets/cifar10
+    .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .device/whl . adapters/torch-ao
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .device/whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+        torchao==0.18.0 pytest iniconfig
+    assets=${DFQ_ASSETS:-../shared/assets}
+    cp "$assets"/cifar10/{resnet20-12fca82f.th,test932_lossless.npz} .device/assets/cifar10/
+    du -sh .device
+    exit 0
+fi
+OUT=${OUT:-$(mktemp -d)}
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cuda ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/whl/*.whl \
+        || exit 3
+    export PYTHONPATH=/tmp/site
+    PY=python3
+else
+    PY=.venv/bin/python
+fi
+export DFQ_ASSETS=$PWD/.device/assets DFQ_CACHE=/tmp/dfqcache PYTHONUNBUFFERED=1 TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/env.txt"
+# 1. correctness: every source, and quantize + every distiller on FX, PT2E and NNCF, on the device
+# (NNCF and OpenVINO are not carried: their cases are deselected; they run where NNCF is installed)
+timeout 240 $PY -m pytest -m cuda tests/test_device_guard.py -q -p no:cacheprovider -k "not nncf" \
+    --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
+tail -5 "$OUT/cuda-tests.log"
+# 2. ResNet-20 W4A4 through both graph toolchains, zeroq, on the device (times in the record)
+timeout 200 $PY -m dfq_plugins.cli bench --device "$DEVICE" --model cifar10-resnet20 \
+    --toolchain torch-ao-fx,torchao-pt2e --scheme w4a4 --source zeroq,noise --images "${IMAGES:-256}" --seeds 0 \
+    --json "$OUT/resnet20-w4a4.json" --md "$OUT/resnet20-w4a4.md" > "$OUT/bench.log" 2>&1
+tail -8 "$OUT/bench.log"
+echo "results in $OUT"
