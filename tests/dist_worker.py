@@ -81,8 +81,9 @@ def main() -> None:
                                        progress=False)
         distiller = json.loads(args.distill) if args.distill.startswith("{") else {"name": args.distill}
         distiller = {"batch_size": 8, "checkpoint_every": 2, **distiller}
-        dfq_plugins.distill(model, student, cs, distiller=distiller, scheme="w4a4", input_spec=TINY_SPEC,
-                            steps=args.steps, progress=False)
+        if args.steps > 0:  # --steps 0: the calibrated student before any distillation
+            dfq_plugins.distill(model, student, cs, distiller=distiller, scheme="w4a4", input_spec=TINY_SPEC,
+                                steps=args.steps, progress=False)
         weights = {k: v.detach().float() for k, v in student.state_dict().items() if torch.is_tensor(v)}
         out = {"weights": {k: v.flatten().tolist() for k, v in weights.items()}, "hash": tensors_hash(weights)}
     world = distributed.current()

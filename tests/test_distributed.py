@@ -104,7 +104,7 @@ def test_two_process_distillation_matches_one_process_with_the_same_global_batch
     # the same sums in another order: equal to float rounding, not bitwise
     assert _max_diff(two, one_process_distill) < 1e-5
     start = tmp_path / "start.json"
-    launch(1, tmp_path / "cache0", start, "distill", "--steps", "1", "--distill", '{"name": "kd", "lr": 0.0}')
+    launch(1, tmp_path / "cache0", start, "distill", "--steps", "0")
     assert _max_diff(two, _weights(start)) > 1e-4, "the 6 steps moved the weights (the comparison means something)"
 
 
