@@ -94,7 +94,8 @@ def test_speed_reports_throughput_against_the_floor(resnet20, tmp_path, capsys):
 
 
 def test_model_recipes_fill_in_source_defaults():
-    from dfq_plugins.cli import _settings, build_parser
+    from dfq_plugins.cli import build_parser
+    from dfq_plugins.cli.common import settings as _settings
 
     args = build_parser().parse_args(["bench", "--model", "efficientnet-lite0", "--set", "zeroq.lr=0.1"])
     s = _settings(args, "bench")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dfq_plugins import plugins
-from dfq_plugins.cli import _settings, build_parser, main
+from dfq_plugins.cli import build_parser, main
+from dfq_plugins.cli.common import settings as _settings
 
 
 @pytest.fixture
