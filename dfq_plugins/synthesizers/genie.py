@@ -18,12 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..teacher import Teacher
-from .optimizing import (
-    OptimizingSynthesizer,
-    make_optimizer,
-    make_scheduler,
-    step_scheduler,
-)
+from .canvas import make_optimizer, make_scheduler, step_scheduler
+from .optimizing import OptimizingSynthesizer
 
 
 class GenieGenerator(nn.Module):

@@ -33,6 +33,7 @@ from .bn_stats import (
     detached,
     running_targets,
 )
+from .canvas import Canvas, PixelCanvas
 from .labels import Targets
 from .whole_set import optimize_jointly
 
@@ -41,59 +42,6 @@ OPTIMIZERS = ("adam", "radam")
 SCHEDULERS = ("reduce_on_plateau", "step", "cosine", "none")
 LABEL_FREE_SOURCES = "noise, real"
 BN_SCOPES = ("batch", "set")
-
-
-def make_optimizer(kind: str, params: list, lr: float) -> torch.optim.Optimizer:
-    return (torch.optim.Adam if kind == "adam" else torch.optim.RAdam)(params, lr=lr)
-
-
-def make_scheduler(kind: str, opt: torch.optim.Optimizer, iterations: int, patience: int, min_lr: float):
-    if kind == "reduce_on_plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=patience, min_lr=min_lr)
-    if kind == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, iterations // 3), gamma=0.5)
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
-    return None
-
-
-def step_scheduler(sched: Any, loss: torch.Tensor) -> None:
-    if sched is None:
-        return
-    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        sched.step(loss.detach())
-    else:
-        sched.step()
-
-
-class PixelCanvas:
-    """The images themselves are the parameters (clamped to valid pixels after every step)."""
-
-    def __init__(self, x: torch.Tensor, synth: OptimizingSynthesizer, bounds: tuple | None) -> None:
-        self.x = x.requires_grad_(True)
-        self.opt = make_optimizer(synth.optimizer, [self.x], synth.lr)
-        self.sched = make_scheduler(synth.scheduler, self.opt, synth.iterations, synth.plateau_patience,
-                                    synth.min_lr)
-        self.bounds = None if bounds is None else tuple(b.to(x.device) for b in bounds)
-
-    def render(self) -> torch.Tensor:
-        return self.x
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.opt.step()
-        if self.bounds is not None:
-            with torch.no_grad():
-                self.x.clamp_(*self.bounds)
-        step_scheduler(self.sched, loss)
-
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
-    def result(self) -> torch.Tensor:
-        return self.x.detach()
 
 
 @dataclass
@@ -186,7 +134,7 @@ class OptimizingSynthesizer(Synthesizer):
     def after_batch(self, teacher: Teacher, images: torch.Tensor, targets: Targets | None) -> None:
         """Learn from a finished (or resumed) batch, e.g. update the class-centre memory."""
 
-    def make_canvas(self, teacher: Teacher, n: int, g: torch.Generator) -> Any:
+    def make_canvas(self, teacher: Teacher, n: int, g: torch.Generator) -> Canvas:
         spec = teacher.spec
         x = self._init_images(n, spec.shape, g).to(teacher.device)  # drawn on the CPU: same start on any device
         if self.clip:
@@ -371,4 +319,4 @@ class OptimizingSynthesizer(Synthesizer):
         return x
 
 
-__all__ = ["OptimizingSynthesizer", "PixelCanvas", "make_optimizer", "make_scheduler", "step_scheduler"]
+__all__ = ["OptimizingSynthesizer"]

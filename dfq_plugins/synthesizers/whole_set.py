@@ -16,18 +16,33 @@ set: batches that move together cannot be resumed one at a time.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .. import distributed
 from ..teacher import Teacher
+from .augment import SynthesisAugment
 from .base import seeded_generator
-from .bn_stats import BNStatsRecorder, LayerStats, running_targets
+from .bn_stats import BNStatsLoss, BNStatsRecorder, LayerStats, running_targets
+from .canvas import Canvas
 from .labels import Targets
 
-if TYPE_CHECKING:
-    from .optimizing import OptimizingSynthesizer
+
+class JointSynthesis(Protocol):
+    """What the whole-set loop reads from its synthesizer (an ``OptimizingSynthesizer``)."""
+
+    iterations: int
+    bn_weight: float
+    statistic: str
+    wants_features: bool
+    clip: bool
+    bn_loss: BNStatsLoss
+    augment: SynthesisAugment
+
+    def make_canvas(self, teacher: Teacher, n: int, g: torch.Generator) -> Canvas: ...
+    def task_loss(self, logits: torch.Tensor, features: torch.Tensor | None,
+                  targets: Targets | None) -> dict[str, torch.Tensor]: ...
 
 
 def pooled_stats(local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], statistic: str, eps: float,
@@ -57,7 +72,7 @@ def _add(total: list | None, part: list) -> list:
     return [tuple(a + b for a, b in zip(t, p)) for t, p in zip(total, part)]
 
 
-def optimize_jointly(synth: OptimizingSynthesizer, teacher: Teacher, sizes: list[int], seed: int, bar: Any,
+def optimize_jointly(synth: JointSynthesis, teacher: Teacher, sizes: list[int], seed: int, bar: Any,
                      targets_of: Any) -> dict[int, torch.Tensor]:
     """This rank's batches (index -> images on the CPU), optimised against whole-set statistics."""
     world = distributed.current()
