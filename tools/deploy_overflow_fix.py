@@ -1,5 +1,5 @@
 """Lite0 W8A8 NNCF, real calibration (64 images, seed 0): OpenVINO int8 top-1 with NNCF's overflow fix on the
-first layer only (its default) against every layer. Usage: python results/deploy/overflow_fix.py OUTDIR default enable
+first layer only (its default) against every layer. Usage: python tools/deploy_overflow_fix.py OUTDIR default enable
 Measured on an AVX2-only CPU (docs/deploy.md); the artefacts go to OUTDIR."""
 import sys
 import warnings

@@ -1,6 +1,6 @@
 """Lite0 W8A8 torchao PT2E, real calibration (64 images, seed 0): top-1 in process and on x86 Inductor's int8
 kernels, with full-range u8 activations (X86InductorQuantizer's default) and with reduce_range (u8 0..127).
-Usage: python results/deploy/reduce_range.py OUTDIR off on   (measured on an AVX2-only CPU; docs/deploy.md)"""
+Usage: python tools/deploy_reduce_range.py OUTDIR off on   (measured on an AVX2-only CPU; docs/deploy.md)"""
 import sys
 import warnings
 from pathlib import Path

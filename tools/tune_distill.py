@@ -1,7 +1,7 @@
 """Quick tuning probe for a distiller on ResNet-20 (first 2,000 CIFAR-10 test images).
 
-    .venv/bin/python results/distill/tune_distill.py DISTILLER STEPS SOURCE [TOOLCHAIN] [KEY=VALUE ...]
-    e.g. .venv/bin/python results/distill/tune_distill.py kd 300 zeroq torch-ao-fx lr=0.001
+    .venv/bin/python tools/tune_distill.py DISTILLER STEPS SOURCE [TOOLCHAIN] [KEY=VALUE ...]
+    e.g. .venv/bin/python tools/tune_distill.py kd 300 zeroq torch-ao-fx lr=0.001
 
 Prints top-1 of the calibrated student ("before"), training seconds and top-1 after; seed 0,
 256 images, one thread, no checkpoint cache. The numbers in docs/distillation.md came from it.

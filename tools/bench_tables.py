@@ -1,6 +1,6 @@
 """Rewrite a bench JSON's Markdown tables (what ``dfq bench`` writes beside it), without rerunning.
 
-    .venv/bin/python results/lowbit/make_tables.py results/lowbit/lowbit-ptq-resnet20.json
+    .venv/bin/python tools/bench_tables.py results/lowbit/lowbit-ptq-resnet20.json
 """
 import json
 import sys
