@@ -1,4 +1,5 @@
-"""Every Python block of the README runs as written, in order, in one namespace.
+"""Every Python block of the README, and of the API tour (docs/api.md), runs as written, in order,
+in one namespace per file.
 
 The blocks keep the budgets a user would run (256 images, 1000 steps); here they are cut down
 (8 images, 2 synthesis iterations, 3 steps) by wrapping the library's own entry points, so the
@@ -11,18 +12,32 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import dfq_plugins
 from dfq_plugins import api
 from dfq_plugins.distillers.base import Distiller
 from dfq_plugins.synthesizers.optimizing import OptimizingSynthesizer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+API_TOUR = ROOT / "docs" / "api.md"
 BLOCK = re.compile(r"(<!-- readme-test: skip[^>]*-->\n)?```python\n(.*?)```", re.DOTALL)
 
 
-def python_blocks() -> list[str]:
-    return [m.group(2) for m in BLOCK.finditer(README.read_text()) if not m.group(1)]
+def python_blocks(path: Path = README) -> list[str]:
+    return [m.group(2) for m in BLOCK.finditer(path.read_text()) if not m.group(1)]
+
+
+def run_blocks(path: Path) -> dict:
+    namespace: dict = {"__name__": "readme"}
+    for i, block in enumerate(python_blocks(path)):
+        try:
+            exec(compile(block, f"{path.name} python block {i + 1}", "exec"), namespace)  # noqa: S102 (our own docs)
+        except Exception as exc:
+            failure = f"{path.name} python block {i + 1} fails: {type(exc).__name__}: {exc}"
+            raise AssertionError(f"{failure}\n{block}") from exc
+    return namespace
 
 
 @pytest.fixture
@@ -50,17 +65,18 @@ def small_budgets(monkeypatch):
     monkeypatch.setattr(Distiller, "__post_init__", few_steps)
 
 
-def test_the_readme_has_python_blocks_to_run():
-    blocks = python_blocks()
-    assert len(blocks) >= 2 and "dfq_plugins.quantize(" in blocks[0]
+def test_the_readme_and_the_api_tour_have_python_blocks_to_run():
+    assert len(python_blocks(README)) >= 3 and "dfq_plugins.quantize(" in python_blocks(README)[0]
+    assert len(python_blocks(API_TOUR)) >= 2 and "dfq_plugins.synthesize(" in python_blocks(API_TOUR)[0]
 
 
 def test_every_readme_python_block_runs_as_written(small_budgets):
-    namespace: dict = {"__name__": "readme"}
-    for i, block in enumerate(python_blocks()):
-        try:
-            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)  # noqa: S102 (our own README)
-        except Exception as exc:
-            raise AssertionError(f"README python block {i + 1} fails: {type(exc).__name__}: {exc}\n{block}") from exc
+    namespace = run_blocks(README)
+    x = torch.randn(4, 3, 32, 32)
+    assert namespace["qmodel"](x).shape == (4, 10) and namespace["q4"](x).shape == (4, 10)
+
+
+def test_every_api_tour_python_block_runs_as_written(small_budgets):
+    namespace = run_blocks(API_TOUR)
     assert namespace["logits"].shape == (8, 10)
     assert namespace["int8_model"](namespace["calib"][0]).shape == (8, 10)
