@@ -86,7 +86,10 @@ class Toolchain:
         for _, module in activation_fake_quants(student):
             observer = getattr(module, "activation_post_process", None)
             if observer is not None and hasattr(observer, "reset_min_max_vals"):
+                scale = getattr(module, "scale", None)
                 observer.reset_min_max_vals()
+                if isinstance(scale, torch.Tensor):  # torchao's per-channel reset makes its empty ranges on the CPU
+                    observer.to(scale.device)
                 count += 1
         return count
 

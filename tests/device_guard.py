@@ -6,7 +6,12 @@ specially) is a CPU tensor whose Python class says otherwise (``OnDevice``): its
 fake device, ``.cpu()``/``.to("cpu")`` give a plain CPU copy, ``.numpy()`` refuses as on CUDA, and
 every op on it runs on the CPU and is tagged again. Because the values live in the tensor itself,
 in-place resizes (observers do them) and autograd behave as on a real device. ``module.to(fake)``
-retags parameters and buffers in place, so a module keeps its identity.
+retags parameters and buffers in place, so a module keeps its identity (buffers a module keeps on
+the host, its ``host_buffers``, stay plain, as ``.to("cuda")`` leaves them on the CPU).
+
+Every read of a value on the fake device by the host (``.item()``, ``bool(t)``, ``float(t)``,
+``.tolist()``, ``.cpu()``: on a GPU, a wait for the stream) is recorded in ``host_syncs`` with the
+line of our code that asked.
 
 A factory call that names the fake device makes a tagged tensor; one that names no device makes a
 plain CPU tensor, as on a GPU machine. An op that mixes a tagged tensor with a plain CPU one (other
@@ -67,6 +72,7 @@ class OnDevice(torch.Tensor):
         return False
 
     def cpu(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        _note_host_sync()
         with _paused():
             return torch.Tensor.clone(self).as_subclass(torch.Tensor)
 
@@ -82,8 +88,14 @@ class OnDevice(torch.Tensor):
             out = torch.Tensor.to(self.as_subclass(torch.Tensor), dtype=dtype or self.dtype, copy=False,
                                   **({"memory_format": memory_format} if memory_format is not None else {}))
         if device is not None and device.type == "cpu":
+            _note_host_sync()
             return out.clone() if out.data_ptr() == self.data_ptr() else out
         return self if out.data_ptr() == self.data_ptr() and out.dtype == self.dtype else tag(out)
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        _note_host_sync()  # a copy to the host, as on a GPU
+        with _paused():
+            return torch.Tensor.tolist(self.as_subclass(torch.Tensor))
 
     @property
     def data(self) -> torch.Tensor:  # type: ignore[override]
@@ -122,15 +134,22 @@ def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
                 yield p
                 if p.grad is not None:
                     yield p.grad
-        for b in m._buffers.values():
-            if b is not None:
+        host = getattr(m, "host_buffers", ())  # switches a module keeps on the host (dfq_plugins.quant.hostflags)
+        for name, b in m._buffers.items():
+            if b is not None and name not in host:
                 yield b
-        for v in vars(m).values():  # constants a GraphModule keeps as plain attributes
-            if isinstance(v, torch.Tensor):
+        for name, v in vars(m).items():  # constants a GraphModule keeps as plain attributes
+            if isinstance(v, torch.Tensor) and name not in host:
                 yield v
 
 
 _ACTIVE: list[FakeDevice] = []
+
+
+def _note_host_sync() -> None:
+    """A value on the device read by the host (on a GPU: a wait for the stream)."""
+    if _ACTIVE and not _ACTIVE[-1].paused:
+        _ACTIVE[-1].host_syncs.append(_caller())
 
 
 @contextlib.contextmanager
@@ -167,6 +186,7 @@ class FakeDevice(TorchDispatchMode):
         super().__init__()
         self.device = FAKE
         self.ops_on_device = 0
+        self.host_syncs: list[str] = []  # where a value on the device was read on the host (.item(), bool(t), ...)
         self.paused = 0
         self._stack = contextlib.ExitStack()
 
@@ -194,6 +214,8 @@ class FakeDevice(TorchDispatchMode):
         tensors: list[torch.Tensor] = []
         tree_map(lambda t: tensors.append(t) if isinstance(t, torch.Tensor) else None, (args, kwargs))
         on_fake = any(isinstance(t, OnDevice) for t in tensors)
+        if on_fake and func is aten._local_scalar_dense.default:
+            _note_host_sync()
         strays = [t for t in tensors if not isinstance(t, OnDevice) and t.dim() > 0 and t.device.type == "cpu"
                   and not (t.numel() == 1 and _builds_flags_on_cpu(func))]
         if on_fake and strays and func not in CROSS_DEVICE_OPS:
@@ -213,6 +235,16 @@ class FakeDevice(TorchDispatchMode):
             return out  # in place: the destination keeps its device (a CPU tensor filled from the device stays CPU)
         self.ops_on_device += 1
         return tree_map(tag, out)
+
+
+def _caller() -> str:
+    """The innermost frame outside torch and this module: where a host sync was asked for."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        if "/torch/" not in frame.filename and not frame.filename.endswith("device_guard.py"):
+            return f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} {frame.name}"
+    return "?"
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import NON_NEGATIVE, UNIT, Bound
 from ..losses import entropy
 from .kd import KDDistiller, OnlineDistiller
-from .loop import TrainingRun
+from .loop import LossValue, TrainingRun
 
 
 @dataclass
@@ -61,7 +61,7 @@ class AdaDFQDistiller(OnlineDistiller):
         loss = F.relu(self.lambda_l - h_n).mean() + F.relu(h_n - self.lambda_u).mean()
         return loss, h_n
 
-    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, LossValue]:
         x, y = self.generator_images(run, step)
         with self._recorder.record():
             z_p = run.teacher(x)
@@ -72,12 +72,12 @@ class AdaDFQDistiller(OnlineDistiller):
         l_bns = self._bns(self._recorder.stats, self._targets)
         run.update("generator", l_m + self.beta * (self.alpha_ds * l_ds + self.alpha_as * l_as) + self.gamma * l_bns)
 
-        losses = {"g_margin": l_m.detach().item(), "g_ds": l_ds.detach().item(), "g_as": l_as.detach().item(), "g_bns": l_bns.detach().item(),
-                  "h_norm": h_n.mean().item()}
+        losses: dict[str, LossValue] = {"g_margin": l_m.detach(), "g_ds": l_ds.detach(), "g_as": l_as.detach(),
+                                        "g_bns": l_bns.detach(), "h_norm": h_n.detach().mean()}
         if run.updating_student:
             t = self.temperature
             z_q = run.student(x.detach())
             l_q = -(t * t) * entropy((z_p.detach() - z_q) / t).mean()
             run.update_student(l_q)
-            losses["q"] = l_q.detach().item()
+            losses["q"] = l_q.detach()
         return losses

@@ -19,7 +19,7 @@ from ..config import (
 )
 from ..data import CalibrationSet
 from ..teacher import Teacher
-from .loop import LR_SCHEDULES, RANGE_MODES, TrainingRun
+from .loop import LR_SCHEDULES, RANGE_MODES, LossValue, TrainingRun
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -108,8 +108,9 @@ class Distiller:
     def setup(self, run: TrainingRun) -> None:
         """Build generators and their optimisers (``run.add_generator``); check the source."""
 
-    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
-        """One step; returns the losses to show (floats)."""
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, LossValue]:
+        """One step; returns the losses to show: detached 0-dim tensors (read on the host only every
+        few steps, so a GPU never waits for them) or floats."""
         raise NotImplementedError
 
     def distill(self, teacher: Teacher, student: nn.Module, source: CalibrationSet | None, *, toolchain: Any,

@@ -26,7 +26,7 @@ from ..config import AT_LEAST_ONE, NON_NEGATIVE, Bound
 from ..losses import kd_loss
 from .batches import apply_shift_flip, shift_flip_draws
 from .kd import KDDistiller, OnlineDistiller
-from .loop import TrainingRun
+from .loop import LossValue, TrainingRun
 
 INTERVENTION_SPACES = ("latent", "pixel")
 DIVERGENCES = ("kl", "js")
@@ -95,15 +95,15 @@ class CausalDFQDistiller(OnlineDistiller):
         inv = divergence(q.flatten(0, 1), q.roll(1, dims=1).flatten(0, 1), self.divergence) * scale
         return align, inv
 
-    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
-        losses: dict[str, float] = {}
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, LossValue]:
+        losses: dict[str, LossValue] = {}
         x, y = self.intervened_images(run, step)
         x, z_p = self.gdfq_generator_step(run, x, y, losses)
         z_q = run.student(x)
         loss, parts = self.student_loss(z_q, z_p, y)
         align, inv = self.discrepancy_loss(z_p, z_q)
         run.update_student(loss + self.dr_weight * (align + self.invariance_weight * inv))
-        return {**losses, **parts, "dr_align": align.detach().item(), "dr_inv": inv.detach().item()}
+        return {**losses, **parts, "dr_align": align.detach(), "dr_inv": inv.detach()}
 
 
 __all__ = ["CausalDFQDistiller", "divergence", "kd_loss"]

@@ -22,7 +22,7 @@ from ..config import AT_LEAST_ONE, Bound
 from ..diffusion import DiffusionLevels
 from .batches import sample_batch
 from .kd import KDDistiller
-from .loop import TrainingRun
+from .loop import LossValue, TrainingRun
 
 
 @dataclass
@@ -80,7 +80,7 @@ class DiffDFQDistiller(KDDistiller):
         run.extra.setdefault("levels", []).append(best)
         return best
 
-    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, LossValue]:
         if step % self.epoch_steps == 0 or "level" not in run.extra:
             self.select_level(run)
         level = run.extra["level"]

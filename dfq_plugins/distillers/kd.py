@@ -31,7 +31,7 @@ from ..synthesizers.bn_stats import (
 from .base import Distiller
 from .batches import AUGMENTATIONS, sample_batch
 from .generator import ConditionalGenerator
-from .loop import TrainingRun
+from .loop import LossValue, TrainingRun
 
 LABEL_SOURCES = ("teacher", "set")
 
@@ -70,7 +70,7 @@ class KDDistiller(Distiller):
         kd = self.kd_weight * kd_loss(z_q, z_p, self.temperature, self.reduction)
         target = z_p.argmax(1) if y is None or self.labels == "teacher" else y
         ce = F.cross_entropy(z_q, target) if self.ce_weight else z_q.new_zeros(())
-        return kd + self.ce_weight * ce, {"kd": kd.detach().item(), "ce": ce.detach().item()}
+        return kd + self.ce_weight * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
     def setup_generator(self, run: TrainingRun, style_dim: int = 0) -> None:
         spec = run.teacher.spec
@@ -110,18 +110,18 @@ class KDDistiller(Distiller):
         return gen(z, y), y
 
     def gdfq_generator_step(self, run: TrainingRun, x: torch.Tensor, y: torch.Tensor,
-                            losses: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                            losses: dict[str, LossValue]) -> tuple[torch.Tensor, torch.Tensor]:
         """GDFQ's generator update, CE(P(x), y) + bns_weight * BNS; returns detached (x, z_P)."""
         with self._recorder.record():
             z_p = run.teacher(x)
         g_ce = F.cross_entropy(z_p, y)
         g_bns = self._bns(self._recorder.stats, self._targets)
         run.update("generator", g_ce + self.bns_weight * g_bns)
-        losses.update({"g_ce": g_ce.detach().item(), "g_bns": g_bns.detach().item()})
+        losses.update({"g_ce": g_ce.detach(), "g_bns": g_bns.detach()})
         return x.detach(), z_p.detach()
 
-    def train_step(self, run: TrainingRun, step: int) -> dict[str, float]:
-        losses: dict[str, float] = {}
+    def train_step(self, run: TrainingRun, step: int) -> dict[str, LossValue]:
+        losses: dict[str, LossValue] = {}
         if self.online:
             x, y = self.generator_images(run, step)
             x, z_p = self.gdfq_generator_step(run, x, y, losses)

@@ -11,7 +11,10 @@ What it owns, so distillers do not repeat it:
 - warm-up (no student updates before ``warmup_steps``), a budget in steps and/or wall time;
 - per-step seeded randomness (``run.rng(step)``), so a resumed run draws what an uninterrupted
   one would have drawn; checkpoints every ``checkpoint_every`` steps and on Ctrl-C;
-- a progress bar with the live losses.
+- a progress bar with the live losses, read on the host every ``LOG_EVERY`` steps only: on a GPU the
+  losses, their running means and the non-finite check stay on the device in between, so the
+  host never waits for the stream in the steady state (on the CPU a read is free, and a
+  non-finite loss is still caught before its update).
 
 Evaluation is not here: the caller evaluates the last step on the real test set, once.
 """
@@ -40,6 +43,30 @@ from .checkpoint import load_checkpoint, save_checkpoint
 
 RANGE_MODES = ("frozen", "observe", "learned")
 LR_SCHEDULES = ("cosine", "multistep", "constant")
+LOG_EVERY = 10  # steps between host reads of the losses (history, progress bar, a GPU's non-finite check)
+LossValue = torch.Tensor | float  # what a train_step reports per loss: a detached 0-dim tensor, or a float
+
+
+class LossMeter:
+    """Running means of the step losses (0.9/0.1), kept where the losses are, in float64 as Python
+    floats are (so a CPU history is the one ``.item()`` per loss gave), and read in one transfer."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, LossValue] = {}
+
+    def add(self, losses: dict[str, LossValue]) -> None:
+        for k, v in losses.items():
+            v = v.detach().reshape(()).to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+            self.running[k] = v if k not in self.running else 0.9 * self.running[k] + 0.1 * v
+
+    def read(self) -> dict[str, float]:
+        """The running means as floats: one device-to-host copy for all of them."""
+        keys = [k for k, v in self.running.items() if isinstance(v, torch.Tensor)]
+        out = {k: v for k, v in self.running.items() if not isinstance(v, torch.Tensor)}
+        if keys:
+            values = torch.stack([self.running[k] for k in keys]).tolist()  # type: ignore[misc]
+            out.update(zip(keys, values))
+        return {k: out[k] for k in self.running}
 
 
 def lr_factor(schedule: str, step: int, total: int, milestones: tuple[float, ...], gamma: float) -> float:
@@ -91,6 +118,10 @@ class TrainingRun:
         self._pending_interrupt: list[int] = []
         self._learned_ranges: list[torch.Tensor] = []
         self.world = distributed.current()
+        # off the CPU a non-finite loss is noted on the device (first step per trainable) and read with
+        # the losses, every LOG_EVERY steps and before every checkpoint; on the CPU it stops the update
+        self.defer_host_reads = torch.device(self.device).type != "cpu"
+        self._first_nonfinite: dict[str, torch.Tensor] = {}
 
     # -- set-up -------------------------------------------------------------------------------
     def add_student(self) -> None:
@@ -160,7 +191,9 @@ class TrainingRun:
     def update(self, name: str, loss: torch.Tensor) -> None:
         """Backward into ``name``'s parameters only, then step its optimiser."""
         t = self.trainables[name]
-        if not torch.isfinite(loss.detach()).all():
+        if self.defer_host_reads:
+            self._note_nonfinite(name, loss)
+        elif not torch.isfinite(loss.detach()).all():
             raise NonFiniteError(f"distiller {self.d.name}: the {name} loss is {loss.item()} at step {self.step}; "
                                  "no update was made and the last checkpoint is intact. Lower the learning rate, "
                                  "or check the calibration set and the model for NaN")
@@ -171,6 +204,29 @@ class TrainingRun:
         t.optimizer.step()
         if name == "student" and self.d.ranges == "learned":
             clamp_scales(self.student)
+
+    def _note_nonfinite(self, name: str, loss: torch.Tensor) -> None:
+        """Record on the device the first step whose ``name`` loss is NaN or infinite (no host sync)."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        first = self._first_nonfinite.get(name)
+        if first is None:
+            first = self._first_nonfinite[name] = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        first.copy_(torch.where(bad & (first < 0), torch.full_like(first, self.step), first))
+
+    def check_finite(self) -> None:
+        """Raise if a deferred loss went non-finite: the updates since went in, so the student in memory
+        is not returned, and no checkpoint is written from it (the last one holds finite steps only)."""
+        if not self._first_nonfinite:
+            return
+        names = list(self._first_nonfinite)
+        steps = torch.stack([self._first_nonfinite[n] for n in names]).tolist()
+        bad = [(s, n) for n, s in zip(names, steps) if s >= 0]
+        if bad:
+            step, name = min(bad)
+            raise NonFiniteError(f"distiller {self.d.name}: the {name} loss became NaN or infinite at step {step} "
+                                 "(checked on the device every few steps); the student is not returned and the last "
+                                 "checkpoint is intact. Lower the learning rate, or check the calibration set and "
+                                 "the model for NaN")
 
     def update_student(self, loss: torch.Tensor) -> None:
         """A student step, or nothing during warm-up (only the ranges move then)."""
@@ -205,6 +261,7 @@ class TrainingRun:
     def save(self) -> None:
         """Checkpoint; a disk that fails now (full, gone read-only) costs the resume point, never the
         run: a warning, and training goes on (the trained student is returned at the end)."""
+        self.check_finite()  # never a checkpoint from a student that took a non-finite update
         path = self._checkpoint_path()
         if path is None or not self.world.is_main:  # rank 0 writes for the group: the ranks hold the same state
             return
@@ -238,7 +295,7 @@ class TrainingRun:
                  self.d.steps, path.parent.name)
         return True
 
-    def run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
+    def run(self, train_step: Callable[[TrainingRun, int], dict[str, LossValue]]) -> None:
         if self.world.distributed and self.d.batch_size % self.world.size:
             raise distributed.DistributedError(
                 f"distiller {self.d.name}: batch_size {self.d.batch_size} cannot be split evenly over "
@@ -249,14 +306,14 @@ class TrainingRun:
             if pending:  # the signal came during the last step: the finished run is saved, now stop
                 raise KeyboardInterrupt
 
-    def _run(self, train_step: Callable[[TrainingRun, int], dict[str, float]]) -> None:
+    def _run(self, train_step: Callable[[TrainingRun, int], dict[str, LossValue]]) -> None:
         d = self.d
         total = d.steps
         bar = progress_bar(total=total, desc=f"distill {d.name}", enabled=self.progress and self.world.is_main,
                            initial=self.step)
         sync_buffers = self.world.distributed and (d.bn_mode == "batch" or d.ranges == "observe" or d.observer_steps)
         started = time.perf_counter() - self.elapsed
-        running: dict[str, float] = {}
+        meter = LossMeter()
         try:
             while self.step < total:
                 if d.time_budget_s and distributed.agree(time.perf_counter() - started >= d.time_budget_s, self.world):
@@ -269,11 +326,12 @@ class TrainingRun:
                 losses = train_step(self, self.step)
                 if sync_buffers and (self._observing or d.bn_mode == "batch"):
                     distributed.broadcast_buffers(self.student, self.world)  # ranges/BN stats as rank 0 saw them
-                for k, v in losses.items():
-                    running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+                meter.add(losses)
                 self.step += 1
                 self.elapsed = time.perf_counter() - started
-                if self.step % 10 == 0 or self.step == total:
+                if self.step % LOG_EVERY == 0 or self.step == total:
+                    running = meter.read()
+                    self.check_finite()
                     self.history.append({"step": self.step, **{k: round(v, 5) for k, v in running.items()}})
                     bar.set_postfix({k: f"{v:.3g}" for k, v in running.items()}, refresh=False)
                 bar.update(1)
@@ -317,4 +375,5 @@ def _deferred_interrupts() -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
-__all__ = ["LR_SCHEDULES", "RANGE_MODES", "Trainable", "TrainingRun", "lr_factor"]
+__all__ = ["LOG_EVERY", "LR_SCHEDULES", "RANGE_MODES", "LossMeter", "LossValue", "Trainable", "TrainingRun",
+           "lr_factor"]

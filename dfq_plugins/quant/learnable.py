@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hostflags import with_host_flags
+
 
 def _is_plain_fake_quant(module: nn.Module) -> bool:
     """A toolchain FakeQuantize with an observer (not already learnable)."""
@@ -32,8 +34,9 @@ def _learnable_for(flavour: str, old: nn.Module) -> nn.Module:
             _LearnableFakeQuantize,
         )
 
-        new = _LearnableFakeQuantize(lambda **_: observer, quant_min=old.quant_min, quant_max=old.quant_max,
-                                     channel_len=scale.numel() if per_channel else -1, use_grad_scaling=True)
+        new = with_host_flags(_LearnableFakeQuantize)(
+            lambda **_: observer, quant_min=old.quant_min, quant_max=old.quant_max,
+            channel_len=scale.numel() if per_channel else -1, use_grad_scaling=True)
         with torch.no_grad():
             new.scale.copy_(scale)
             new.zero_point.copy_(zero_point)
@@ -43,12 +46,12 @@ def _learnable_for(flavour: str, old: nn.Module) -> nn.Module:
             LearnableFakeQuantize,
         )
 
-        new = LearnableFakeQuantize(lambda **_: observer, quant_min=old.quant_min, quant_max=old.quant_max,
-                                    use_grad_scaling=True)
+        new = with_host_flags(LearnableFakeQuantize)(
+            lambda **_: observer, quant_min=old.quant_min, quant_max=old.quant_max, use_grad_scaling=True)
         new._initialize_or_update_qparams(scale, zero_point)
         new.enable_range_learning()
     new.fake_quant_enabled.copy_(old.fake_quant_enabled)
-    return new.to(old.fake_quant_enabled.device)  # built on the CPU; the student may live on a GPU
+    return new.to(old.scale.device)  # built on the CPU; the student may live on a GPU (switches stay on the host)
 
 
 def make_ranges_learnable(student: nn.Module, flavour: str) -> list[nn.Parameter]:

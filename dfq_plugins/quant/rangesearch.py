@@ -33,9 +33,11 @@ def _qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric
 @torch.no_grad()
 def search_channel_ranges(w: torch.Tensor, ch_axis: int, qmin: int, qmax: int, symmetric: bool,
                           p: float = LP_NORM, eps: float = torch.finfo(torch.float32).eps,
-                          grid: tuple[float, ...] = SHRINK_GRID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (min, max) that minimise ``sum |w - fq(w)|^p`` over the shrink grid."""
-    if not torch.isfinite(w).all():
+                          grid: tuple[float, ...] = SHRINK_GRID,
+                          check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (min, max) that minimise ``sum |w - fq(w)|^p`` over the shrink grid.
+    ``check_finite=False`` skips the NaN check, a host sync (for a weight already checked on a GPU)."""
+    if check_finite and not torch.isfinite(w).all():
         raise ValueError("weight tensor holds NaN or inf; a range search on it is meaningless")
     x = w.detach().float().transpose(0, ch_axis).flatten(1)  # (channels, rest)
     lo0, hi0 = x.min(1).values, x.max(1).values

@@ -45,6 +45,8 @@ def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.fake_quantize import FakeQuantize
 
+    from dfq_plugins.quant.hostflags import with_host_flags
+
     aqmin, aqmax = scheme.act_range(abits)
     wqmin, wqmax = scheme.weight_range(wbits)
     act_kw = dict(
@@ -61,9 +63,10 @@ def _qconfig(scheme: QuantScheme, wbits: int, abits: int, trainable: bool):
         wq = torch.per_tensor_symmetric if scheme.weight_symmetric else torch.per_tensor_affine
         w_kw = dict(dtype=torch.qint8, qscheme=wq, quant_min=wqmin, quant_max=wqmax)
     if trainable:
+        fake_quant = with_host_flags(FakeQuantize)  # its switches never make a GPU wait
         return QConfig(
-            activation=FakeQuantize.with_args(observer=a_obs, **act_kw),
-            weight=FakeQuantize.with_args(observer=w_obs, **w_kw),
+            activation=fake_quant.with_args(observer=a_obs, **act_kw),
+            weight=fake_quant.with_args(observer=w_obs, **w_kw),
         )
     return QConfig(activation=a_obs.with_args(**act_kw), weight=w_obs.with_args(**w_kw))
 

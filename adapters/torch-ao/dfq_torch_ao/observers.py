@@ -25,7 +25,12 @@ def _mse_forward(self: Any, x_orig: torch.Tensor) -> torch.Tensor:
     per_channel = self.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
     axis = self.ch_axis if per_channel else 0
     flat = x if per_channel else x.reshape(1, -1)
-    lo, hi = search_channel_ranges(flat, axis, self.quant_min, self.quant_max, self.qscheme in _SYMMETRIC)
+    # the NaN check reads a value on the host: free on the CPU, once per observer elsewhere (a weight
+    # that turns NaN in training does so through a NaN loss, which the training loop catches)
+    check = x.device.type == "cpu" or not getattr(self, "_weights_checked", False)
+    lo, hi = search_channel_ranges(flat, axis, self.quant_min, self.quant_max, self.qscheme in _SYMMETRIC,
+                                   check_finite=check)
+    self._weights_checked = True
     if not per_channel:
         lo, hi = lo[0], hi[0]
     self.min_val.resize_(lo.shape)

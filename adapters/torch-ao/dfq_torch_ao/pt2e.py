@@ -37,6 +37,8 @@ def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, reduce
     from torchao.quantization.pt2e import FakeQuantize
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
+    from dfq_plugins.quant.hostflags import with_host_flags
+
     aqmin, aqmax = scheme.act_range(abits)
     if reduce_range:  # one bit fewer for activations: u8 x s8 products then fit AVX2's 16-bit sums
         aqmin, aqmax = aqmin // 2, aqmax // 2
@@ -45,8 +47,9 @@ def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, reduce
     a_obs = activation_observer("pt2e", scheme.act_observer, trainable)
     w_obs = weight_observer("pt2e", scheme.weight_observer, scheme.weight_per_channel, trainable)
     if trainable:
-        act_ctr = FakeQuantize.with_args(observer=a_obs, **eps)
-        w_ctr = FakeQuantize.with_args(observer=w_obs, **eps)
+        fake_quant = with_host_flags(FakeQuantize)  # its switches never make a GPU wait
+        act_ctr = fake_quant.with_args(observer=a_obs, **eps)
+        w_ctr = fake_quant.with_args(observer=w_obs, **eps)
     else:
         act_ctr = a_obs.with_args(**eps)
         w_ctr = w_obs.with_args(**eps)
