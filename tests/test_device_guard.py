@@ -22,7 +22,7 @@ SOURCES = [("zeroq", {"iterations": 2}), ("intraq", {"iterations": 2}), ("hast",
            ("diffdfq", {"base": {"name": "zeroq", "iterations": 2}}), ("noise", {}), ("real", {})]
 DISTILLERS = [("torch-ao-fx", "kd"), ("torch-ao-fx", "gdfq"), ("torch-ao-fx", "adadfq"), ("torch-ao-fx", "causal"),
               ("torch-ao-fx", "diffdfq"), ("torch-ao-fx", "reconstruct"), ("torchao-pt2e", "reconstruct"),
-              ("torchao-pt2e", "kd"), ("torch-ao-fx", "reconstruct+kd")]
+              ("torchao-pt2e", "kd"), ("torchao-pt2e", "adadfq"), ("torch-ao-fx", "reconstruct+kd")]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
