@@ -286,8 +286,19 @@ def make_distillers(distill: str | dict[str, Any] | list[str | dict[str, Any]], 
     return [make_distiller(stage, steps if i == len(stages) - 1 else None) for i, stage in enumerate(stages)]
 
 
+def student_structure(student: nn.Module) -> str:
+    """A hash of the student's graph and tensor names and shapes, not its values.
+
+    The teacher's fingerprint covers weights only, so two ways of writing one model (the same
+    state_dict, another graph) would otherwise share a checkpoint that fits only one of them.
+    """
+    shapes = [(k, list(v.shape), str(v.dtype)) for k, v in student.state_dict().items() if torch.is_tensor(v)]
+    return short_hash({"code": str(getattr(student, "code", type(student).__qualname__)), "tensors": shapes})
+
+
 def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: QuantScheme,
-                    cs: CalibrationSet | None, seed: int, after: tuple[str, ...] = ()) -> tuple[Path, str]:
+                    cs: CalibrationSet | None, seed: int, after: tuple[str, ...] = (),
+                    student: nn.Module | None = None) -> tuple[Path, str]:
     """Where a run's checkpoints live, and the key that identifies the run.
 
     ``after``: the keys of the stages that trained this student before (a chain such as
@@ -296,7 +307,8 @@ def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: Qu
     fields = {"teacher": teacher.fingerprint(), "distiller": distiller.name, "version": distiller.version,
               "config": distiller.config_dict(), "toolchain": toolchain.name,
               "toolchain_config": {k: v for k, v in vars(toolchain).items() if not k.startswith("_")},
-              "scheme": scheme.for_training().name, "data": None if cs is None else cs.content_hash(), "seed": seed}
+              "scheme": scheme.for_training().name, "data": None if cs is None else cs.content_hash(), "seed": seed,
+              "student": None if student is None else student_structure(student)}
     if after:
         fields["after"] = list(after)
     key = short_hash(fields)
@@ -308,7 +320,7 @@ def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn
                   cache: bool = True, progress: bool = True, after: tuple[str, ...] = ()) -> nn.Module:
     """Fine-tune ``student`` with ``distiller``; cached runs resume from their last checkpoint."""
     with borrowed_teacher(model, spec) as teacher:
-        workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed, after)
+        workdir, key = distill_workdir(teacher, distiller, toolchain, scheme, cs, seed, after, student)
         distiller.last_key = key
         if not cache:
             return distiller.distill(teacher, student, cs, toolchain=toolchain, seed=seed, progress=progress,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .errors import ModelFactoryError
 from .spec import InputSpec
 
 
@@ -54,7 +56,10 @@ def load_factory(target: str) -> Any:
         spec = importlib.util.spec_from_file_location(f"dfq_user_model_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise _factory_error(target, "importing it", exc) from exc
     else:
         try:
             module = importlib.import_module(source)
@@ -66,9 +71,24 @@ def load_factory(target: str) -> Any:
     return factory
 
 
+def _factory_error(target: str, doing: str, exc: Exception) -> ModelFactoryError:
+    """Name the user's line that raised: their code, not ours, is what they need to look at."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = (Path(__file__).resolve().parent, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
+    own = [f for f in frames if not any(Path(f.filename).resolve().is_relative_to(root) for root in ours)]
+    where = f" at {own[-1].filename}:{own[-1].lineno}" if own else ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ModelFactoryError(f"--model {target!r}: {doing} raised {type(exc).__name__}{where}: {message} "
+                             "(rerun with --debug for the full traceback)")
+
+
 def load_custom_model(target: str, flags: dict[str, Any]) -> tuple[nn.Module, InputSpec]:
     """Build the user's model and its InputSpec (the factory's, unless flags give one)."""
-    made = load_factory(target)()
+    factory = load_factory(target)
+    try:
+        made = factory()
+    except Exception as exc:
+        raise _factory_error(target, "calling it", exc) from exc
     model, spec = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, nn.Module):
         raise TypeError(f"--model {target!r} returned a {type(model).__name__}, not an nn.Module "

@@ -64,6 +64,9 @@ class CalibrationSet:
         (self.num_samples,) = sizes
         if self.num_samples == 0:
             raise ValueError("a CalibrationSet needs at least one sample")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
+            raise TypeError(f"batch_size must be an int, got {type(self.batch_size).__name__} "
+                            "(CalibrationSet(images, batch_size=32, labels=...): the second argument is the batch size)")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         for name, t in [("labels", self.labels), ("soft_labels", self.soft_labels), *self.metadata.items()]:

@@ -43,3 +43,7 @@ class NonFiniteError(DFQError, ValueError):
 
 class DeviceError(DFQError, ValueError):
     """A device that does not exist here, or a model spread over several devices."""
+
+
+class ModelFactoryError(DFQError, RuntimeError):
+    """A user's ``--model FILE.py:FACTORY`` that raised while it was imported or called."""

@@ -65,6 +65,15 @@ def save_checkpoint(path: Path, *, key: str, step: int, elapsed: float, modules:
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={_HEADER: text}))
 
 
+def _check_fits(path: Path, name: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items() if torch.is_tensor(v)}
+    saved = {k: tuple(v.shape) for k, v in state.items()}
+    if own != saved:
+        odd = sorted(set(own) ^ set(saved)) or [k for k in own if own[k] != saved[k]]
+        raise CorruptArtifactError(f"{path} holds a {name} of another model ({len(odd)} tensors differ, e.g. "
+                                   f"{odd[0]!r}); delete it to restart this run")
+
+
 def load_checkpoint(path: Path, *, key: str, modules: dict[str, nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
     """Restore modules and optimizers in place; returns the header (step, elapsed, extra)."""
@@ -82,6 +91,7 @@ def load_checkpoint(path: Path, *, key: str, modules: dict[str, nn.Module],
     for name, module in modules.items():
         prefix = f"module.{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _check_fits(path, name, module, state)  # before loading: load_state_dict copies what fits, then raises
         module.load_state_dict(state)
     for name, opt in optimizers.items():
         opt.load_state_dict(_optimizer_join(header["optimizers"][name], tensors, f"optim.{name}"))

@@ -21,7 +21,7 @@ def crafted_assets(root):
 
 
 @pytest.mark.parametrize("case", ["cache-is-a-file", "cache-under-a-file", "crafted-weights", "missing-recipe",
-                                  "unknown-model", "missing-artefact", "unknown-cache-entry"])
+                                  "unknown-model", "missing-artefact", "unknown-cache-entry", "factory-raises"])
 def test_each_user_error_is_one_line_and_exit_code_2_in_a_new_process(user, case):
     env, cwd = user
     (cwd / "file").write_text("not a folder")
@@ -29,7 +29,7 @@ def test_each_user_error_is_one_line_and_exit_code_2_in_a_new_process(user, case
     expect = {"cache-is-a-file": "not a directory", "cache-under-a-file": "cannot write to the cache folder",
               "crafted-weights": "is not a plain weights file", "missing-recipe": "nowhere.toml not found",
               "unknown-model": "no-such-model", "missing-artefact": "does not exist",
-              "unknown-cache-entry": "no cache entries match"}[case]
+              "unknown-cache-entry": "no cache entries match", "factory-raises": "raised RuntimeError at"}[case]
     if case == "cache-is-a-file":
         env["DFQ_CACHE"] = str(cwd / "file")
     elif case == "cache-under-a-file":
@@ -43,6 +43,10 @@ def test_each_user_error_is_one_line_and_exit_code_2_in_a_new_process(user, case
         argv = [*dfq_command(), "quantize", "--model", "no-such-model"]
     elif case == "missing-artefact":
         argv = [*dfq_command(), "run", "nowhere.pt2"]
+    elif case == "factory-raises":  # torch.load of a CUDA checkpoint without map_location, on a CPU machine
+        (cwd / "net.py").write_text((cwd / "net.py").read_text()
+                                    + "\n\ndef broken():\n    raise RuntimeError('no CUDA here')\n")
+        argv = [*dfq_command(), "synthesize", "--model", f"{cwd / 'net.py'}:broken", *own_model(cwd)[2:], *TINY]
     else:
         argv = [*dfq_command(), "cache", "show", "zzzz-nothing"]
     done = run(argv, env, cwd, expect=2)
@@ -50,6 +54,8 @@ def test_each_user_error_is_one_line_and_exit_code_2_in_a_new_process(user, case
     assert "Traceback" not in done.stderr, done.stderr
     assert lines and lines[-1].startswith("dfq: error: ") and expect.lower() in lines[-1].lower(), done.stderr
     assert "weights_only=False" not in done.stderr  # torch's advice to unpickle is never passed on
+    if case == "factory-raises":  # the user's own line, not ours, is named
+        assert "net.py:" in lines[-1] and "no CUDA here" in lines[-1], lines[-1]
 
 
 def test_debug_asks_for_the_traceback(user):

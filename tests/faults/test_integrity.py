@@ -122,3 +122,44 @@ def test_a_crafted_test_archive_is_refused_before_any_work(tmp_path, monkeypatch
     monkeypatch.setattr(api, "_synthesize_now", lambda *a, **k: pytest.fail("synthesis ran before the check"))
     assert main(["quantize", "--model", "cifar10-resnet20", "--images", "8", "--quiet"]) == 2
     assert "test932_lossless.npz is not a plain image archive" in capsys.readouterr().err
+
+
+class MeanPooledTiny(type(make_tiny())):
+    """The same weights written another way (pooling by ``mean``): another graph, the same state_dict."""
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_a_checkpoint_of_another_graph_with_the_same_weights_is_never_resumed(tmp_path):
+    """Two ways of writing one model share the teacher's fingerprint; the second run's reconstruct
+    once resumed the first's checkpoint and stopped in load_state_dict with a traceback."""
+    first = make_tiny()
+    second = MeanPooledTiny()
+    second.load_state_dict(first.state_dict())
+    source = CalibrationSet(torch.rand(8, 3, 16, 16), batch_size=4)
+    run = {"toolchain": "torch-ao-fx", "source": source, "scheme": "w4a4", "input_spec": TINY_SPEC, "progress": False,
+           "distill": {"name": "reconstruct", "steps": 2, "batch_size": 4}}
+    for model in (first, second):
+        q = dfq_plugins.quantize(model.eval(), **run)
+        assert torch.isfinite(q(torch.rand(2, 3, 16, 16))).all()
+    assert len(list((cache_root() / "distill").glob("reconstruct-*"))) == 2
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_loaded(tmp_path):
+    from dfq_plugins.distillers.checkpoint import load_checkpoint, save_checkpoint
+
+    small, big = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    save_checkpoint(tmp_path / "c.safetensors", key="k", step=1, elapsed=0.0, modules={"student": big},
+                    optimizers={}, extra={})
+    with pytest.raises(CorruptArtifactError, match="another model.*delete it"):
+        load_checkpoint(tmp_path / "c.safetensors", key="k", modules={"student": small}, optimizers={})
+    assert all(torch.equal(before[k], v) for k, v in small.state_dict().items())
+
+
+def test_an_input_spec_where_the_batch_size_goes_is_a_clear_error():
+    with pytest.raises(TypeError, match="batch_size must be an int, got InputSpec"):
+        CalibrationSet(torch.rand(4, 3, 16, 16), TINY_SPEC)
