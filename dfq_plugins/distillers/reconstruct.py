@@ -59,7 +59,9 @@ def _fp_shadow(student: nn.Module) -> nn.Module:
     """A copy of the student that computes in float: every fake-quant off, every observer off."""
     import copy
 
-    shadow = copy.deepcopy(student)
+    with warnings.catch_warnings():  # a strict export's pytree specs warn about their own deprecations
+        warnings.simplefilter("ignore", FutureWarning)
+        shadow = copy.deepcopy(student)
     for m in shadow.modules():
         if hasattr(m, "disable_fake_quant") and hasattr(m, "fake_quant_enabled"):
             m.disable_fake_quant()
