@@ -223,6 +223,9 @@ def test_reconstruct_lowers_every_block_error_and_converts_to_the_student(name):
     history = distiller.last_run.extra["block_mse"]
     assert len(history) == 3
     assert sum(h["mse_after"] for h in history) < sum(h["mse_before"] for h in history)
+    outcome = distiller.last_run.extra  # held-back images judged it, and it helped there too
+    assert outcome["returned"] == "reconstructed", outcome
+    assert outcome["held_output_mse_after"] < outcome["held_output_mse_before"]
     assert all(h["mse_after"] <= h["mse_before"] * 1.05 for h in history)
     x, _ = colour_images(128, seed=5)
     with chain.measuring(student), torch.no_grad():
@@ -232,6 +235,37 @@ def test_reconstruct_lowers_every_block_error_and_converts_to_the_student(name):
     z_student = z_student[0] if isinstance(z_student, (tuple, list)) else z_student
     assert torch.equal(z_student.argmax(1), z_converted.argmax(1))
     assert torch.allclose(z_student, z_converted, atol=1e-3)
+
+
+def test_reconstruct_never_returns_a_student_worse_on_held_back_images():
+    """A step size far too large: every block's update is judged on images it did not train on,
+    rolled back, and the calibrated student comes back exactly, with a warning that says so."""
+    model = make_trained_tiny()
+    chain = make_toolchain("torch-ao-fx")
+    student = chain.quantize(model, QuantScheme.parse("w4a4"), calibration_set(), trainable=True)
+    distiller = make_distiller({"name": "reconstruct", "lr": 0.5, "range_lr": 0.5, "batch_size": 16,
+                                "holdout": 0.25}, steps=20)
+    chain.make_ranges_learnable(student)
+    calibrated = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.warns(UserWarning, match="did not lower the output error on 16 held-back images"):
+        student = distiller.distill(Teacher(model, TINY_SPEC), student, calibration_set(), toolchain=chain,
+                                    progress=False)
+    outcome = distiller.last_run.extra
+    assert outcome["returned"] == "calibrated" and outcome["held_images"] == 16, outcome
+    assert any(not h["kept"] for h in outcome["block_mse"])
+    assert all(h["held_after"] < h["held_before"] for h in outcome["block_mse"] if h["kept"])
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, calibrated[k]), k
+
+
+def test_reconstruct_says_when_the_set_is_too_small_to_hold_images_back():
+    model = make_trained_tiny()
+    chain = make_toolchain("torch-ao-fx")
+    student = chain.quantize(model, QuantScheme.parse("w4a4"), calibration_set(16), trainable=True)
+    distiller = make_distiller({"name": "reconstruct", "batch_size": 8}, steps=2)
+    with pytest.warns(UserWarning, match="too few to hold 12% back"):
+        distiller.distill(Teacher(model, TINY_SPEC), student, calibration_set(16), toolchain=chain, progress=False)
+    assert "returned" not in distiller.last_run.extra
 
 
 def test_reconstruct_resumes_at_the_next_block_and_refuses_eager_students(tmp_path):

