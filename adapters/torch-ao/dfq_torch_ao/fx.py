@@ -81,6 +81,8 @@ def qconfig_mapping_for(model: nn.Module, scheme: QuantScheme, trainable: bool =
     for name, override in ((first, scheme.first_layer), (last, scheme.last_layer)):
         if override is not None:
             mapping.set_module_name(name, _qconfig(scheme, override.weight_bits, override.act_bits, trainable))
+    for name, override in scheme.layer_bits:  # the most sensitive layers (scheme.sensitive_8bit)
+        mapping.set_module_name(name, _qconfig(scheme, override.weight_bits, override.act_bits, trainable))
     return mapping
 
 

@@ -83,6 +83,9 @@ def quantizer_for(model: nn.Module, scheme: QuantScheme, trainable: bool = False
         if override is not None:
             q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable,
                                                     reduce_range))
+    for name, override in scheme.layer_bits:  # the most sensitive layers (scheme.sensitive_8bit)
+        q.set_module_name_qconfig(name, _config(scheme, override.weight_bits, override.act_bits, trainable,
+                                                reduce_range))
     return q
 
 
