@@ -146,10 +146,9 @@ class ReconstructDistiller(Distiller):
             for b in range(done, len(blocks)):
                 fp_out = _run_all(BlockRunner(shadow, fp_blocks[b]), fp_in, 256)
                 g = torch.Generator().manual_seed(seed * 1_000_003 + b)  # per block: a resumed run draws the same
-                history.append(self._reconstruct_block(student, blocks[b], ranges, q_in, fp_in, fp_out, train, held,
-                                                       g, bar, steps[b]))
-                with torch.no_grad():
-                    q_in = _run_all(BlockRunner(student, blocks[b]), q_in, 256)
+                record, q_in = self._reconstruct_block(student, blocks[b], ranges, q_in, fp_in, fp_out, train, held,
+                                                       g, bar, steps[b])
+                history.append(record)
                 fp_in = fp_out
                 done = b + 1
                 if path is not None and distributed.current().is_main:  # ranks run it replicated; one writes
@@ -201,7 +200,9 @@ class ReconstructDistiller(Distiller):
 
     def _reconstruct_block(self, student: fx.GraphModule, block: Block, ranges: set[int], q_in: torch.Tensor,
                            fp_in: torch.Tensor, fp_out: torch.Tensor, train: torch.Tensor,
-                           held: torch.Tensor | None, g: torch.Generator, bar: Any, steps: int) -> dict[str, Any]:
+                           held: torch.Tensor | None, g: torch.Generator, bar: Any,
+                           steps: int) -> tuple[dict[str, Any], torch.Tensor]:
+        """Train one block; its record and its (kept) output on every calibration image."""
         runner = BlockRunner(student, block)
         params = [p for p in block_parameters(student, block) if p.is_floating_point()]
         steps_of = [p for p in params if id(p) in ranges]
@@ -220,9 +221,7 @@ class ReconstructDistiller(Distiller):
         saved = _block_state(student, block) if held is not None else None
         record: dict[str, Any] = {"block": block.index, "steps": steps}
         with torch.no_grad():
-            record["mse_before"] = float(F.mse_loss(_run_all(runner, q_in[train], 256), fp_out[train]))
-            if held is not None:
-                record["held_before"] = float(F.mse_loss(_run_all(runner, q_in[held], 256), fp_out[held]))
+            record.update(_errors(_run_all(runner, q_in, 256), fp_out, train, held, "before"))
         for step in range(steps):
             idx = train[torch.randint(0, train.numel(), (min(self.batch_size, train.numel()),), generator=g)]
             x = q_in[idx]
@@ -238,14 +237,23 @@ class ReconstructDistiller(Distiller):
                 bar.set_postfix({"block": block.index, "mse": f"{loss.item():.3g}"}, refresh=False)
             bar.update(1)
         with torch.no_grad():
-            record["mse_after"] = float(F.mse_loss(_run_all(runner, q_in[train], 256), fp_out[train]))
+            q_out = _run_all(runner, q_in, 256)  # also the next block's input: one pass for both
+            record.update(_errors(q_out, fp_out, train, held, "after"))
             if held is not None:
-                record["held_after"] = float(F.mse_loss(_run_all(runner, q_in[held], 256), fp_out[held]))
                 record["kept"] = record["held_after"] < record["held_before"]
                 if not record["kept"]:  # the update fitted the training images only: undo it
                     for tensor, value in saved:
                         tensor.copy_(value)
-        return record
+                    q_out = _run_all(runner, q_in, 256)
+        return record, q_out
+
+
+def _errors(out: torch.Tensor, reference: torch.Tensor, train: torch.Tensor, held: torch.Tensor | None,
+            when: str) -> dict[str, float]:
+    errors = {f"mse_{when}": float(F.mse_loss(out[train], reference[train]))}
+    if held is not None:
+        errors[f"held_{when}"] = float(F.mse_loss(out[held], reference[held]))
+    return errors
 
 
 def _block_state(student: fx.GraphModule, block: Block) -> list[tuple[torch.Tensor, torch.Tensor]]:
