@@ -8,6 +8,8 @@ is the package's ResNet-20 weights in the user-written definition of
         --sources real,zeroq --json results/lowbit/reconstruct-check.json
     .venv/bin/python tools/reconstruct_check.py --models cifar10-resnet20 --sources real \
         --set holdout=0 --set weight_lr=none          # the defaults before 2026-12-05
+    .venv/bin/python tools/reconstruct_check.py --models efficientnet-lite0 --sources real --scheme w4a8 \
+        --images 128 --test-limit 500 --set steps=200 --set batch_size=8
 
 Records go to the JSON as they finish, so an interrupted run resumes where it stopped.
 """
@@ -51,6 +53,8 @@ def main() -> None:
     parser.add_argument("--models", default="cifar10-resnet20,user-resnet20")
     parser.add_argument("--sources", default="real,zeroq")
     parser.add_argument("--scheme", default="w4a4")
+    parser.add_argument("--images", type=int, default=256, help="calibration images")
+    parser.add_argument("--test-limit", type=int, default=None, help="score on the first N test images")
     parser.add_argument("--set", action="append", default=[], help="reconstruct option, e.g. holdout=0")
     parser.add_argument("--json", type=Path, default=Path("bench-out/reconstruct-check.json"))
     args = parser.parse_args()
@@ -72,15 +76,16 @@ def main() -> None:
         for source in args.sources.split(","):
             if (name, source, args.scheme, json.dumps(config, sort_keys=True)) in done:
                 continue
-            row = {"model": name, "source": source, "scheme": args.scheme, "config": config, "images": 256,
-                   "seed": 0, "test_set": test.name}
+            row = {"model": name, "source": source, "scheme": args.scheme, "config": config, "images": args.images,
+                   "seed": 0, "test_set": test.name, "test_limit": args.test_limit}
             for distill_with in (None, {"name": "reconstruct", **config}):
                 started = time.perf_counter()
                 q = dfq_plugins.quantize(model, toolchain="torchao-pt2e", source=source, scheme=args.scheme,
                                          data=pool if source == "real" else None, input_spec=spec,
-                                         distill=distill_with, progress=False)
+                                         num_samples=args.images, distill=distill_with, progress=False)
                 key = "calibrated" if distill_with is None else "reconstructed"
-                row[key] = round(dfq_plugins.evaluate(q, test.images, test.labels), 2)
+                n = args.test_limit or len(test.labels)
+                row[key] = round(dfq_plugins.evaluate(q, test.images[:n], test.labels[:n]), 2)
                 row[f"{key}_seconds"] = round(time.perf_counter() - started, 1)
             guard = summaries[-1]
             row["guard"] = {k: v for k, v in guard.items() if k != "block_mse"}
