@@ -42,6 +42,11 @@ class Toolchain:
         None where this toolchain has no such hook (its scheme then refuses ``-bc``)."""
         return None
 
+    def student_bias_correction_layers(self, student: Any) -> list[Any] | None:
+        """A trainable student's weighted layers whose bias absorbs a mean output shift in eval mode
+        (``reconstruct`` corrects them before it trains); None where this toolchain cannot say."""
+        return None
+
     def check_bias_correction(self, scheme: QuantScheme, trainable: bool) -> None:
         """Refuse an explicit ``-bc``/``-bcbn`` this toolchain or a trainable student cannot honour."""
         if not scheme.corrects_biases:

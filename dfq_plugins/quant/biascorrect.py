@@ -222,28 +222,82 @@ _PT2E_LAYERS = {"aten.conv2d.default": "conv2d", "aten.conv1d.default": "conv1d"
 
 
 def pt2e_layers(gm: fx.GraphModule) -> list[WeightedLayer]:
-    """Conv/linear nodes of a prepared (post-training) PT2E graph whose weight goes through an observer."""
+    """Conv/linear nodes of a prepared PT2E graph whose weight goes through an observer or fake-quant.
+
+    Post-training graphs carry folded weights and biases. QAT graphs (``prepare_qat_pt2e``) keep conv-BN
+    apart: the weight is scaled by gamma/sigma before its fake-quant and the conv output is divided back
+    before the BN, so in eval mode a shift of the conv output is a shift of the BN output: its beta is
+    the bias to correct."""
     layers = []
     for node in gm.graph.nodes:
         kind = _PT2E_LAYERS.get(str(node.target)) if node.op == "call_function" else None
         if kind is None or len(node.args) < 2:
             continue
         w_obs = node.args[1]
-        if not (isinstance(w_obs, fx.Node) and w_obs.op == "call_module" and isinstance(w_obs.args[0], fx.Node)
-                and w_obs.args[0].op == "get_attr"):
+        if not (isinstance(w_obs, fx.Node) and w_obs.op == "call_module" and isinstance(w_obs.args[0], fx.Node)):
             continue
         observer = gm.get_submodule(str(w_obs.target))
         if not _is_observer(observer):
             continue
-        weight = getattr(*owner_and_attr(gm, str(w_obs.args[0].target)))
-        bias = node.args[2] if len(node.args) > 2 else None
         owner, bias_name = None, ""
-        if isinstance(bias, fx.Node) and bias.op == "get_attr":
-            owner, bias_name = owner_and_attr(gm, str(bias.target))
+        if w_obs.args[0].op == "get_attr":  # post-training: BN already folded into the weight and bias
+            weight = getattr(*owner_and_attr(gm, str(w_obs.args[0].target)))
+            bias = node.args[2] if len(node.args) > 2 else None
+            if isinstance(bias, fx.Node) and bias.op == "get_attr":
+                owner, bias_name = owner_and_attr(gm, str(bias.target))
+        else:  # QAT conv-BN: the weight is scaled by gamma/sigma in the graph, the BN's beta takes the shift
+            weight = _constant_value(gm, w_obs.args[0])
+            beta = _following_bn_beta(node)
+            if weight is None or beta is None:
+                continue
+            owner, bias_name = owner_and_attr(gm, str(beta.target))
         rest = list(node.args[3:]) if kind != "linear" else []
         layers.append(WeightedLayer(node, weight.detach(), observed_fake_quant(observer), owner, bias_name,
                                     conv_or_linear(kind, *rest)))
     return layers
+
+
+def _constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The value of a node computed from parameters only (QAT's folded weight); None if it reads an input."""
+    memo: dict[fx.Node, Any] = {}
+
+    def value(n: Any) -> Any:
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in memo:
+            if n.op == "get_attr":
+                memo[n] = getattr(*owner_and_attr(gm, str(n.target)))
+            elif n.op == "call_function":
+                memo[n] = n.target(*[value(a) for a in n.args], **{k: value(v) for k, v in n.kwargs.items()})
+            else:
+                raise LookupError(n.name)
+        return memo[n]
+
+    try:
+        with torch.no_grad():
+            out = value(node)
+    except LookupError:
+        return None
+    return out.detach() if torch.is_tensor(out) else None
+
+
+_BN_TARGETS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+
+
+def _following_bn_beta(conv: fx.Node) -> fx.Node | None:
+    """The get_attr node of the BN beta a QAT conv feeds, through the ``/ scale`` (and bias add) torchao inserts;
+    None when the conv's output goes anywhere else on the way (the shift would not land on that BN alone)."""
+    node = conv
+    for _ in range(4):
+        if len(node.users) != 1:
+            return None
+        (node,) = node.users
+        if str(node.target) in _BN_TARGETS:
+            beta = node.args[2] if len(node.args) > 2 else None
+            return beta if isinstance(beta, fx.Node) and beta.op == "get_attr" else None
+        if str(node.target) not in ("aten.div.Tensor", "aten.add.Tensor"):
+            return None
+    return None
 
 
 def fx_layers(gm: fx.GraphModule) -> list[WeightedLayer]:
@@ -278,6 +332,36 @@ def fx_layers(gm: fx.GraphModule) -> list[WeightedLayer]:
     return layers
 
 
+def fx_qat_layers(gm: fx.GraphModule) -> list[WeightedLayer]:
+    """Weighted modules of a trainable FX student. Conv-BN ones (``prepare_qat_fx``'s ConvBn2d, ConvBnReLU2d)
+    compute ``conv(x, fq(W * gamma / sigma))`` shifted by the BN in eval mode, so the BN's beta takes the
+    correction; qat Conv2d and Linear take it in their own bias."""
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        bn = getattr(module, "bn", None)
+        fake_quant = getattr(module, "weight_fake_quant", None)
+        if fake_quant is None:
+            continue
+        if isinstance(module, nn.Linear) and module.bias is not None:  # qat Linear: its own bias
+            layers.append(WeightedLayer(node, module.weight.detach(), observed_fake_quant(fake_quant), module, "bias",
+                                        conv_or_linear("linear")))
+            continue
+        if not (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"):
+            continue
+        apply = conv_or_linear("conv2d", module.stride, module.padding, module.dilation, module.groups)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine and bn.running_var is not None:
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            weight = module.weight.detach() * scale.reshape(-1, *([1] * (module.weight.dim() - 1)))
+            layers.append(WeightedLayer(node, weight, observed_fake_quant(fake_quant), bn, "bias", apply))
+        elif bn is None and module.bias is not None:  # qat Conv2d (no BN): its own bias
+            layers.append(WeightedLayer(node, module.weight.detach(), observed_fake_quant(fake_quant), module, "bias",
+                                        apply))
+    return layers
+
+
 def conv_or_linear(kind: str, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
                    groups: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if kind == "linear":
@@ -287,5 +371,5 @@ def conv_or_linear(kind: str, stride: Any = 1, padding: Any = 0, dilation: Any =
     return lambda x, w: F.conv2d(x, w, None, stride, padding, dilation, groups)
 
 
-__all__ = ["WeightedLayer", "batch_statistics", "correct_biases", "fx_layers", "layer_module_name", "pt2e_layers",
+__all__ = ["WeightedLayer", "batch_statistics", "correct_biases", "fx_layers", "fx_qat_layers", "layer_module_name", "pt2e_layers",
            "standardized_input_means"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
-from dfq_plugins.quant.biascorrect import fx_layers
+from dfq_plugins.quant.biascorrect import fx_layers, fx_qat_layers
 from dfq_plugins.quant.learnable import make_ranges_learnable
 from dfq_plugins.quant.protocols import apply_protocol
 from dfq_plugins.scheme import QuantScheme
@@ -132,6 +132,9 @@ class FxToolchain(Toolchain):
 
     def bias_correction_layers(self, prepared: Any) -> list[Any]:
         return fx_layers(prepared)
+
+    def student_bias_correction_layers(self, student: Any) -> list[Any]:
+        return fx_qat_layers(student)
 
     def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
         """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""

@@ -247,6 +247,9 @@ class PT2EToolchain(Toolchain):
     def bias_correction_layers(self, prepared: Any) -> list[Any]:
         return pt2e_layers(prepared)
 
+    def student_bias_correction_layers(self, student: Any) -> list[Any]:
+        return pt2e_layers(student)
+
     def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
         """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""
         return make_ranges_learnable(student, "pt2e")
