@@ -55,6 +55,19 @@ def test_bn_loss_distances_margin_and_layer_weights():
         BNStatsLoss("l1")
 
 
+def test_relative_bn_distance_weighs_every_layer_alike_whatever_its_scale():
+    """A layer whose activations are 100x larger costs 10^4x more under l2 and the same under relative,
+    so wide, large-valued late layers cannot drown the early ones (Lite0's zeroq fit)."""
+    def layer(c: float) -> tuple[LayerStats, LayerStats]:
+        return (LayerStats(torch.tensor([1.0, 3.0]) * c, torch.tensor([2.0, 2.0]) * c),
+                LayerStats(torch.zeros(2), torch.full((2,), 2.0 * c)))
+    (s1, t1), (s2, t2) = layer(1.0), layer(100.0)
+    rel, l2 = BNStatsLoss("relative", layer_weighting="sum"), BNStatsLoss("l2", layer_weighting="sum")
+    assert float(rel([s1], [t1])) == pytest.approx(float(rel([s2], [t2])))
+    assert float(rel([s1], [t1])) == pytest.approx(((0.5 ** 2 + 1.5 ** 2) / 2))  # the means' z-scores
+    assert float(l2([s2], [t2])) == pytest.approx(1e4 * float(l2([s1], [t1])))
+
+
 def test_running_targets_are_the_teachers_running_statistics():
     teacher = Teacher(make_tiny(), TINY_SPEC)
     bns = [m for _, m in teacher.bn_layers()]

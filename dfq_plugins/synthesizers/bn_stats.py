@@ -18,7 +18,7 @@ from ..losses import channel_stats
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 STATISTICS = ("std", "var")
-DISTANCES = ("l2", "mse", "l2_per_channel")
+DISTANCES = ("l2", "mse", "l2_per_channel", "relative")
 LAYER_WEIGHTINGS = ("average", "first_layer_multiplier", "sum")
 
 
@@ -90,7 +90,8 @@ class BNStatsLoss:
     """Distance between recorded statistics and targets, combined over layers.
 
     distance: ``l2`` (sum of squares over channels, ZeroQ/MCT), ``mse`` (mean over channels,
-    GDFQ/IntraQ/HAST), ``l2_per_channel`` (sum / C, Genie). ``margin`` is a slack below which a
+    GDFQ/IntraQ/HAST), ``l2_per_channel`` (sum / C, Genie), ``relative`` (mean over channels of the
+    differences in units of the target spread: wide, large-valued late layers no longer drown the early ones). ``margin`` is a slack below which a
     per-channel difference costs nothing (DSG-style). Layer weights are normalised to sum to 1
     (``average``; ``first_layer_multiplier`` up-weights the first layer) or all 1 (``sum``).
     """
@@ -121,7 +122,7 @@ class BNStatsLoss:
         sq = diff.pow(2)
         if self.distance == "l2":
             return sq.sum(-1)
-        if self.distance == "mse":
+        if self.distance in ("mse", "relative"):
             return sq.mean(-1)
         return sq.sum(-1) / diff.shape[-1]
 
@@ -132,7 +133,11 @@ class BNStatsLoss:
                                "ran a different set of BN layers than the one the targets came from")
         per_layer = []
         for s, t in zip(stats, targets):
-            d = self._distance(s.mean - t.mean) + self._distance(s.spread - t.spread)
+            if self.distance == "relative":  # each channel in units of its target spread: every layer counts alike
+                scale = t.spread.abs().clamp_min(1e-3)
+                d = self._distance((s.mean - t.mean) / scale) + self._distance((s.spread - t.spread) / scale)
+            else:
+                d = self._distance(s.mean - t.mean) + self._distance(s.spread - t.spread)
             per_layer.append(d.mean() if d.dim() else d)  # per-sample statistics: mean over images
         w = self.layer_weights(len(per_layer), per_layer[0].device) if weights is None else weights
         return (torch.stack(per_layer) * w).sum()
