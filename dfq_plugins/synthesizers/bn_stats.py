@@ -91,8 +91,9 @@ class BNStatsLoss:
 
     distance: ``l2`` (sum of squares over channels, ZeroQ/MCT), ``mse`` (mean over channels,
     GDFQ/IntraQ/HAST), ``l2_per_channel`` (sum / C, Genie), ``relative`` (mean over channels of the
-    differences in units of the target spread: wide, large-valued late layers no longer drown the early ones). ``margin`` is a slack below which a
-    per-channel difference costs nothing (DSG-style). Layer weights are normalised to sum to 1
+    differences in units of the target spread, so wide, large-valued late layers no longer drown the
+    early ones). ``margin`` is a slack below which a per-channel difference costs nothing (DSG-style;
+    under ``relative`` it is in the same units). Layer weights are normalised to sum to 1
     (``average``; ``first_layer_multiplier`` up-weights the first layer) or all 1 (``sum``).
     """
 
