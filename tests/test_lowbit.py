@@ -121,6 +121,30 @@ def test_protocols_leave_the_input_in_float_in_the_converted_graph(name, protoco
     assert q(x).shape == (8, 4)
 
 
+class PaddedStem(nn.Module):
+    """EfficientNet's "same" padding: an explicit F.pad between the image and the first conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_tiny()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_protocols_find_the_input_observer_behind_a_pad(name):
+    """Protocol B on EfficientNet-Lite0 stopped with 'no observer reads the model input' (PT2E
+    observes the padded image, not the placeholder)."""
+    tc = make_toolchain(name)
+    x = torch.randn(8, *TINY_SPEC.shape)
+    cs = CalibrationSet(x, batch_size=8)
+    assert input_is_quantized(tc.quantize(PaddedStem().eval(), QuantScheme.parse("w4a4"), cs))
+    q = tc.quantize(PaddedStem().eval(), QuantScheme.parse("w4a4-protoB"), cs)
+    assert not input_is_quantized(q)
+    assert q(x).shape == (8, 4)
+
+
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
 def test_protocol_b_feeds_the_last_layer_8_bit_activations(name):
     tc = make_toolchain(name)

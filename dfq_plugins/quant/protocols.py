@@ -18,6 +18,8 @@ from torch import fx, nn
 _PASSTHROUGH = ("flatten", "view", "reshape", "mean", "adaptive_avg_pool", "avg_pool", "dropout", "squeeze",
                 "contiguous", "clone")
 _WEIGHTED = ("conv1d", "conv2d", "conv3d", "linear")
+# Between the image and its observer: EfficientNet's "same" padding puts a pad before the stem's observer.
+_INPUT_PATH = ("pad",)
 
 
 def _observer_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -32,11 +34,22 @@ def _is_weight_observer(node: fx.Node) -> bool:
     return bool(node.args) and getattr(node.args[0], "op", None) == "get_attr"
 
 
+def _reads_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s first argument is a graph input, directly or through pads and reshapes."""
+    src = node.args[0] if node.args else None
+    while isinstance(src, fx.Node) and src.op != "placeholder":
+        target = str(getattr(src.target, "__name__", src.target)).lower()
+        if not (_is_passthrough(gm, src) or any(p in target for p in _INPUT_PATH)):
+            return False
+        src = src.args[0] if src.args else None
+    return isinstance(src, fx.Node)
+
+
 def leave_input_unquantized(gm: fx.GraphModule) -> int:
-    """Remove the observers that read a graph input; returns how many."""
+    """Remove the observers that read a graph input (through pads and reshapes); returns how many."""
     removed = 0
     for node in list(gm.graph.nodes):
-        if node.args and getattr(node.args[0], "op", None) == "placeholder" and _observer_of(gm, node) is not None:
+        if node.op == "call_module" and _observer_of(gm, node) is not None and _reads_input(gm, node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(str(node.target))
@@ -110,15 +123,13 @@ def apply_protocol(gm: fx.GraphModule, protocol: str, act_range_8bit: tuple[int,
 
 
 def input_is_quantized(gm: fx.GraphModule) -> bool:
-    """Whether any quantize op or observer reads a graph input (converted or prepared graphs)."""
+    """Whether any quantize op or observer reads a graph input, directly or through pads and
+    reshapes (converted or prepared graphs)."""
     for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        for user in node.users:
-            if user.op == "call_module" and _observer_of(gm, user) is not None:
-                return True
-            if user.op == "call_function" and "quantize_per" in str(user.target):
-                return True
+        observed = node.op == "call_module" and _observer_of(gm, node) is not None
+        quantized = node.op == "call_function" and "quantize_per" in str(node.target)
+        if (observed or quantized) and _reads_input(gm, node):
+            return True
     return False
 
 
