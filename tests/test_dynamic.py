@@ -14,10 +14,13 @@ from dfq_plugins.dynamic import (
     BitSelector,
     CascadeRouter,
     DynamicQuantModel,
+    EscalationRouter,
+    OutputSelector,
     SelectorConfig,
     SelectorRouter,
     bit_flops,
     choice_fractions,
+    escalation_costs,
     layer_macs,
     oracle_choices,
     precision_recall,
@@ -163,6 +166,66 @@ def test_stem_selector_keeps_the_model_stem_frozen():
         BitSelector(3, 2, features="stem")
 
 
+def uncertain_cheap_task(n: int = 512):
+    """The cheap variant is wrong exactly where it is unsure (flat logits): what its output shows."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(n, 10, generator=g) * 3
+    unsure = torch.rand(n, generator=g) < 0.3
+    cheap = teacher.clone()
+    cheap[unsure] = cheap[unsure].roll(1, dims=1) * 0.05  # wrong and flat
+    return torch.stack([cheap, teacher.clone(), teacher.clone()]), teacher, unsure
+
+
+def test_output_selector_escalates_the_inputs_the_cheap_variant_is_unsure_of():
+    variant_logits, teacher, unsure = uncertain_cheap_task()
+    costs = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    effective = escalation_costs(costs)
+    assert effective.tolist() == [1.0, 3.0, 5.0]  # the cheap variant always runs first
+    escalated = {}
+    for target in (1.6, 3.0):  # 1.6: just enough to escalate the unsure 29%
+        torch.manual_seed(0)
+        selector = OutputSelector(3)
+        train_selector(selector, variant_logits[0], variant_logits, teacher, effective, target=target,
+                       config=SelectorConfig(steps=1000, lr=1e-2), progress=False)
+        with torch.no_grad():
+            choices = selector(variant_logits[0]).argmax(1)
+        escalated[target] = choices > 0
+        if target == 1.6:
+            assert (choices != 2).all()
+        assert float(escalated[target][unsure].float().mean()) > 0.95  # every unsure input gets more bits
+    tight = escalated[1.6]
+    # under a tight budget it escalates only the unsure inputs, and only to the middle variant,
+    # which is as good as the dearest and cheaper
+    assert float(unsure[tight].float().mean()) > 0.95
+    assert int(tight.sum()) < int(escalated[3.0].sum())
+    with pytest.raises(ValueError, match="logits"):
+        selector(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="OutputSelector"):
+        BitSelector(3, 2, features="output")
+
+
+def test_escalation_router_keeps_the_cheap_answer_or_runs_one_dearer_variant(variants):
+    built = variants
+
+    class EscalateBright(nn.Module):
+        """Escalates every second input, whatever the logits say."""
+
+        def forward(self, logits: torch.Tensor) -> torch.Tensor:
+            up = (torch.arange(logits.shape[0]) % 2).float()
+            return torch.stack([1 - up, up], 1)
+
+    dyn = DynamicQuantModel({v.label: v.deployed for v in built}, {v.label: v.bit_flops for v in built},
+                            EscalationRouter(EscalateBright(), cost=2.0))
+    x, _ = colour_images(16, seed=5)
+    cheap, dear = built[0].bit_flops, built[1].bit_flops
+    with torch.no_grad():
+        out = dyn(x)
+        torch.testing.assert_close(out[0::2], dyn.variants[0](x[0::2]))
+        torch.testing.assert_close(out[1::2], dyn.variants[1](x[1::2]))
+    cost = dyn.last_routing.cost
+    assert cost[0::2].eq(cheap + 2.0).all() and cost[1::2].eq(cheap + dear + 2.0).all()
+
+
 def test_bad_dynamic_settings_are_clear_errors():
     assert parse_bits("8,4,6,4") == [4, 6, 8]
     with pytest.raises(ValueError, match="at least two"):
@@ -177,6 +240,9 @@ def test_bad_dynamic_settings_are_clear_errors():
         SelectorConfig(surrogate="gumbel")
     with pytest.raises(ValueError, match="unknown selector options \\['stpes'\\]"):
         SelectorConfig.from_dict({"stpes": 10})
+    from dfq_plugins.bench.dynamic import DynamicPlan
+    with pytest.raises(ValueError, match="features='pixels'.*output"):
+        DynamicPlan(features="pixels")
     fixed = [{"bit_flops": 1.0, "top1": 80.0}, {"bit_flops": 3.0, "top1": 90.0}]
     assert line_between(fixed, 2.0) == 85.0 and line_between(fixed, 4.0) is None
 

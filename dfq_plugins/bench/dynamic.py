@@ -24,10 +24,13 @@ from ..dynamic import (
     BitSelector,
     CascadeRouter,
     DynamicQuantModel,
+    EscalationRouter,
+    OutputSelector,
     SelectorConfig,
     SelectorRouter,
     bit_flops,
     choice_fractions,
+    escalation_costs,
     oracle_choices,
     precision_recall,
     stem_of,
@@ -38,6 +41,7 @@ from ..dynamic.train import augmented_copies, batched
 from ..io import atomic_write_text
 
 GIGA = 1e9
+FEATURES = ("image", "stem", "output")  # the selector's input: see dfq_plugins/dynamic/selector.py
 
 
 @dataclass
@@ -69,6 +73,8 @@ class DynamicPlan:
             bad = [v for v in getattr(self, name) if not 0.0 <= v <= 1.0]
             if bad:
                 raise ValueError(f"{name} are fractions between 0 and 1, got {bad}")
+        if self.features not in FEATURES:
+            raise ValueError(f"features={self.features!r}: choose one of {FEATURES}")
         if self.copies < 1:
             raise ValueError("copies must be at least 1 (the images themselves)")
 
@@ -186,16 +192,24 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
     selector_cost = 0
     selector_rows, selectors = [], []
     lo, hi = min(costs.values()), max(costs.values())
+    on_output = plan.features == "output"
+    # An output selector reads the cheapest variant's logits, which every input then pays for.
+    sel_inputs = sel_logits[0] if on_output else sel_images
+    choice_costs = escalation_costs(dyn.costs) if on_output else dyn.costs
     for t in plan.targets:
         target = lo + t * (hi - lo)
         with torch.random.fork_rng():
             torch.manual_seed(plan.seed)
-            selector = BitSelector(spec.shape[0], k, features=plan.features,
-                                   stem=stem_of(model) if plan.features == "stem" else None)
-        selector_cost = bit_flops(selector, spec.shape, None, bits=(plan.selector_bits, plan.selector_bits))
-        history = train_selector(selector, sel_images, sel_logits, sel_teacher, dyn.costs, target, plan.selector,
+            if on_output:
+                selector = OutputSelector(k)
+            else:
+                selector = BitSelector(spec.shape[0], k, features=plan.features,
+                                       stem=stem_of(model) if plan.features == "stem" else None)
+        in_shape = (sel_logits.shape[-1],) if on_output else spec.shape
+        selector_cost = bit_flops(selector, in_shape, None, bits=(plan.selector_bits, plan.selector_bits))
+        history = train_selector(selector, sel_inputs, sel_logits, sel_teacher, choice_costs, target, plan.selector,
                                  seed=plan.seed, progress=progress)
-        router = SelectorRouter(selector, selector_cost)
+        router = (EscalationRouter if on_output else SelectorRouter)(selector, selector_cost)
         row = {"target_fraction": t, "target_bit_flops": round(target), **describe(router),
                "train_fractions": history[-1]["fractions"]}
         selector_rows.append(row)
@@ -252,5 +266,8 @@ def routing_timing(dyn: DynamicQuantModel, batch: torch.Tensor, routers: dict[st
             out[name] = 1000 * _median_seconds(lambda routed=routed: routed(batch), repeats)
             if isinstance(router, SelectorRouter):
                 out["the selector alone"] = 1000 * _median_seconds(lambda r=router: r.choose(batch), repeats)
+            elif isinstance(router, EscalationRouter):
+                first = dyn.variants[0](batch)
+                out["the selector alone"] = 1000 * _median_seconds(lambda r=router: r.selector(first), repeats)
     return {"batch": int(batch.shape[0]), "median_ms": {n: round(v, 2) for n, v in out.items()},
             "repeats": repeats, "threads": torch.get_num_threads()}

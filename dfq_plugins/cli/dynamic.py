@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--steps", help="fine-tuning steps: one number or BITS:STEPS pairs "
                                     "(default 500 at <=4 bits, 200 at 5-7, 0 at 8)")
     sp.add_argument("--distill-set", dest="distill_set", action="append", metavar="DISTILLER.KEY=VALUE")
-    sp.add_argument("--features", help="selector input: image (default) or stem")
+    sp.add_argument("--features", help="selector input: image (default), stem, or output (the cheapest "
+                                       "variant's logits; it runs on every input)")
     sp.add_argument("--selector-set", dest="selector_set", action="append", metavar="KEY=VALUE",
                     help="selector training option, e.g. penalty=50 (recipes: [selector])")
     sp.add_argument("--targets", help="bit-FLOPs targets for the selector as fractions between the cheapest "

@@ -4,12 +4,14 @@ from .metrics import choice_fractions, oracle_choices, precision_recall
 from .model import (
            CascadeRouter,
            DynamicQuantModel,
+           EscalationRouter,
+           escalation_costs,
            Routing,
            SelectorRouter,
 )
-from .selector import BitSelector, stem_of
+from .selector import BitSelector, OutputSelector, stem_of
 from .train import SelectorConfig, train_selector
 
-__all__ = ["BitSelector", "CascadeRouter", "DynamicQuantModel", "LayerCost", "Routing", "SelectorConfig",
-           "SelectorRouter", "bit_flops", "choice_fractions", "layer_costs", "layer_macs", "oracle_choices",
-           "precision_recall", "stem_of", "train_selector"]
+__all__ = ["BitSelector", "CascadeRouter", "DynamicQuantModel", "EscalationRouter", "LayerCost", "OutputSelector",
+           "Routing", "SelectorConfig", "SelectorRouter", "bit_flops", "choice_fractions", "escalation_costs",
+           "layer_costs", "layer_macs", "oracle_choices", "precision_recall", "stem_of", "train_selector"]

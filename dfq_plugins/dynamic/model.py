@@ -48,6 +48,34 @@ class SelectorRouter(nn.Module):
         return Routing(run_grouped(x, choices, variants), choices, costs[choices] + self.cost)
 
 
+class EscalationRouter(nn.Module):
+    """Run the cheapest variant on every input; an ``OutputSelector`` reads its logits and either
+    keeps them (choice 0) or runs one dearer variant k. An input pays the cheapest variant plus
+    the one it was sent to, plus the selector's own ``cost``."""
+
+    def __init__(self, selector: nn.Module, cost: float = 0.0) -> None:
+        super().__init__()
+        self.selector, self.cost = selector, float(cost)
+
+    def route(self, x: torch.Tensor, variants: Sequence[nn.Module], costs: torch.Tensor) -> Routing:
+        first = variants[0](x)
+        choices = self.selector(first).argmax(1)
+        out = first.clone()
+        for k in torch.unique(choices).tolist():
+            if k == 0:
+                continue
+            idx = (choices == k).nonzero(as_tuple=True)[0]
+            out[idx] = variants[k](x[idx])
+        return Routing(out, choices, escalation_costs(costs)[choices] + self.cost)
+
+
+def escalation_costs(costs: torch.Tensor) -> torch.Tensor:
+    """Per-input cost of each choice when the cheapest variant always runs first."""
+    out = costs + costs[0]
+    out[0] = costs[0]
+    return out
+
+
 class CascadeRouter(nn.Module):
     """The threshold baseline: run the cheapest variant; while the current prediction's entropy
     exceeds ``threshold``, run the next dearer variant. An input pays for every stage it ran."""
