@@ -247,12 +247,13 @@ def test_bad_dynamic_settings_are_clear_errors():
     assert line_between(fixed, 2.0) == 85.0 and line_between(fixed, 4.0) is None
 
 
-def test_cli_dynamic_writes_record_table_and_plot(resnet20, tmp_path, capsys):
+@pytest.mark.parametrize("features", ["image", "output"])
+def test_cli_dynamic_writes_record_table_and_plot(resnet20, tmp_path, capsys, features):
     from dfq_plugins.cli import main
 
     out = tmp_path / "dyn.json"
     assert main(["dynamic", "--quiet", "--bits", "4,8", "--source", "noise", "--images", "32", "--steps", "4:3,8:0",
-                 "--test-limit", "64", "--targets", "0.5", "--escalate", "0.3", "--copies", "2",
+                 "--test-limit", "64", "--targets", "0.5", "--escalate", "0.3", "--copies", "2", "--features", features,
                  "--references", "noise", "--selector-set", "steps=20", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert [f["label"] for f in record["fixed"]] == ["w4a4-wmse-ahist", "w8a8"]
@@ -265,3 +266,6 @@ def test_cli_dynamic_writes_record_table_and_plot(resnet20, tmp_path, capsys):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert out.with_suffix(".md").read_text().startswith("| router |")
     assert "cascade" in capsys.readouterr().out
+    if features == "output":  # every input pays for the cheap variant, escalated ones for the dear one too
+        assert row["avg_bit_flops"] >= record["fixed"][0]["bit_flops"] + record["selector_bit_flops"]
+        assert record["selector_bit_flops"] < record["fixed"][0]["bit_flops"] / 100
