@@ -27,6 +27,7 @@ from dfq_plugins import plugins
 from dfq_plugins.api import make_toolchain, synthesize
 from dfq_plugins.dynamic import oracle_choices
 from dfq_plugins.dynamic.build import build_variants, parse_bits, parse_steps
+from dfq_plugins.dynamic.selector import _pooled_stats as pooled
 from dfq_plugins.dynamic.train import augmented_copies, batched
 from dfq_plugins.io import atomic_write_text
 
@@ -62,11 +63,6 @@ def precision_at(score: torch.Tensor, positive: torch.Tensor, rate: float) -> fl
     """Precision of the top ``rate`` fraction by score."""
     k = max(1, round(rate * score.numel()))
     return float(positive[score.argsort(descending=True)[:k]].float().mean())
-
-
-def pooled(x: torch.Tensor) -> torch.Tensor:
-    flat = x.flatten(2)
-    return torch.cat([flat.mean(2), flat.std(2, unbiased=False)], 1)
 
 
 def logit_stats(logits: torch.Tensor) -> torch.Tensor:

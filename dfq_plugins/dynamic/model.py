@@ -61,11 +61,9 @@ class EscalationRouter(nn.Module):
         first = variants[0](x)
         choices = self.selector(first).argmax(1)
         out = first.clone()
-        for k in torch.unique(choices).tolist():
-            if k == 0:
-                continue
-            idx = (choices == k).nonzero(as_tuple=True)[0]
-            out[idx] = variants[k](x[idx])
+        up = choices > 0
+        if up.any():  # the escalated inputs go through the shared grouping, each to its variant
+            out[up] = run_grouped(x[up], choices[up], variants)
         return Routing(out, choices, escalation_costs(costs)[choices] + self.cost)
 
 
