@@ -20,6 +20,7 @@ from dfq_plugins.dynamic import (
     SelectorRouter,
     bit_flops,
     choice_fractions,
+    entry_for,
     escalation_costs,
     layer_macs,
     oracle_choices,
@@ -224,6 +225,62 @@ def test_escalation_router_keeps_the_cheap_answer_or_runs_one_dearer_variant(var
         torch.testing.assert_close(out[1::2], dyn.variants[1](x[1::2]))
     cost = dyn.last_routing.cost
     assert cost[0::2].eq(cheap + 2.0).all() and cost[1::2].eq(cheap + dear + 2.0).all()
+
+
+class ConstantLogits(nn.Module):
+    """A stand-in variant: logits ``value`` on every input, NaN on the inputs in ``broken``."""
+
+    def __init__(self, value: float, broken: slice | None = None) -> None:
+        super().__init__()
+        self.value, self.broken = value, broken
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.full((x.shape[0], 4), self.value)
+        out[:, 0] += x.flatten(1).mean(1)  # depends on the input, so misrouting shows
+        if self.broken is not None:
+            out[self.broken] = float("nan")
+        return out
+
+
+def test_escalation_starts_from_the_dearest_variant_the_budget_affords():
+    costs = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    assert [entry_for(costs, t) for t in (0.5, 1.0, 1.9, 2.0, 3.9, 4.0, 8.0, 100.0)] == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert escalation_costs(costs, 1)[1:].tolist() == [2.0, 6.0, 10.0]
+
+    class EscalateSecondHalf(nn.Module):
+        def forward(self, logits: torch.Tensor) -> torch.Tensor:
+            up = (torch.arange(logits.shape[0]) >= logits.shape[0] // 2).float()
+            return torch.stack([1 - up, up, torch.zeros_like(up)], 1)  # keep, or the next one
+
+    variants = {f"v{i}": ConstantLogits(float(i)) for i in range(4)}
+    dyn = DynamicQuantModel(variants, dict(zip(variants, costs.tolist(), strict=True)),
+                            EscalationRouter(EscalateSecondHalf(), entry=1))
+    x = torch.rand(8, 3, 4, 4)
+    with torch.no_grad():
+        out = dyn(x)
+    torch.testing.assert_close(out[:4], dyn.variants[1](x[:4]))  # kept: the entry variant's answer
+    torch.testing.assert_close(out[4:], dyn.variants[2](x[4:]))  # escalated to the next dearer one
+    assert dyn.last_routing.choices.tolist() == [1] * 4 + [2] * 4
+    assert dyn.last_routing.cost.tolist() == [2.0] * 4 + [6.0] * 4  # the cheapest never ran
+    with pytest.raises(ValueError, match="nothing to escalate"):
+        dyn.with_router(EscalationRouter(EscalateSecondHalf(), entry=3))(x)
+    with pytest.raises(ValueError, match="index of a variant"):
+        EscalationRouter(EscalateSecondHalf(), entry=-1)
+
+
+def test_escalation_never_keeps_a_nan_answer():
+    """A cheap variant that overflows on some inputs: those go to the dearest variant, whatever the
+    selector would have said about the (NaN) descriptor, and the routed output is finite."""
+    variants = {"cheap": ConstantLogits(0.0, broken=slice(0, 3)), "mid": ConstantLogits(1.0),
+                "dear": ConstantLogits(2.0)}
+    selector = OutputSelector(3).eval()  # the cascade start: keeps the confident inputs
+    dyn = DynamicQuantModel(variants, {"cheap": 1.0, "mid": 2.0, "dear": 4.0}, EscalationRouter(selector))
+    x = torch.rand(8, 3, 4, 4)
+    with torch.no_grad():
+        out = dyn(x)
+    assert torch.isfinite(out).all()
+    assert dyn.last_routing.choices[:3].tolist() == [2, 2, 2]
+    torch.testing.assert_close(out[:3], dyn.variants[2](x[:3]))
 
 
 def test_bad_dynamic_settings_are_clear_errors():

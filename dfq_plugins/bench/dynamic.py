@@ -30,6 +30,7 @@ from ..dynamic import (
     SelectorRouter,
     bit_flops,
     choice_fractions,
+    entry_for,
     escalation_costs,
     oracle_choices,
     precision_recall,
@@ -193,25 +194,32 @@ def run_dynamic(plan: DynamicPlan, json_path: Path | None = None, log: Callable[
     selector_rows, selectors = [], []
     lo, hi = min(costs.values()), max(costs.values())
     on_output = plan.features == "output"
-    # An output selector reads the cheapest variant's logits, which every input then pays for.
-    sel_inputs = sel_logits[0] if on_output else sel_images
-    choice_costs = escalation_costs(dyn.costs) if on_output else dyn.costs
     for t in plan.targets:
         target = lo + t * (hi - lo)
+        # An output selector reads the logits of the entry variant (the dearest the budget affords
+        # on every input), which every input then pays for; it chooses among that one and the dearer.
+        entry = entry_for(dyn.costs, target) if on_output else 0
         with torch.random.fork_rng():
             torch.manual_seed(plan.seed)
             if on_output:
-                selector = OutputSelector(k)
+                selector = OutputSelector(k - entry)
             else:
                 selector = BitSelector(spec.shape[0], k, features=plan.features,
                                        stem=stem_of(model) if plan.features == "stem" else None)
         in_shape = (sel_logits.shape[-1],) if on_output else spec.shape
         selector_cost = bit_flops(selector, in_shape, None, bits=(plan.selector_bits, plan.selector_bits))
-        history = train_selector(selector, sel_inputs, sel_logits, sel_teacher, choice_costs, target, plan.selector,
-                                 seed=plan.seed, progress=progress)
-        router = (EscalationRouter if on_output else SelectorRouter)(selector, selector_cost)
-        row = {"target_fraction": t, "target_bit_flops": round(target), **describe(router),
-               "train_fractions": history[-1]["fractions"]}
+        if on_output:
+            history = train_selector(selector, sel_logits[entry], sel_logits[entry:], sel_teacher,
+                                     escalation_costs(dyn.costs, entry)[entry:], target, plan.selector,
+                                     seed=plan.seed, progress=progress)
+            router = EscalationRouter(selector, selector_cost, entry=entry)
+        else:
+            history = train_selector(selector, sel_images, sel_logits, sel_teacher, dyn.costs, target,
+                                     plan.selector, seed=plan.seed, progress=progress)
+            router = SelectorRouter(selector, selector_cost)
+        train_fractions = [0.0] * entry + history[-1]["fractions"]
+        row = {"target_fraction": t, "target_bit_flops": round(target), "entry": dyn.labels[entry],
+               **describe(router), "train_fractions": train_fractions}
         selector_rows.append(row)
         selectors.append(router)
         log(f"selector target {t:.2f}: top-1 {row['top1']:.2f}% at {row['avg_bit_flops'] / GIGA:.3f} G "
@@ -267,7 +275,7 @@ def routing_timing(dyn: DynamicQuantModel, batch: torch.Tensor, routers: dict[st
             if isinstance(router, SelectorRouter):
                 out["the selector alone"] = 1000 * _median_seconds(lambda r=router: r.choose(batch), repeats)
             elif isinstance(router, EscalationRouter):
-                first = dyn.variants[0](batch)
+                first = dyn.variants[router.entry](batch)
                 out["the selector alone"] = 1000 * _median_seconds(lambda r=router: r.selector(first), repeats)
     return {"batch": int(batch.shape[0]), "median_ms": {n: round(v, 2) for n, v in out.items()},
             "repeats": repeats, "threads": torch.get_num_threads()}

@@ -111,6 +111,8 @@ def dynamic_table(record: dict[str, Any]) -> str:
             line = "" if r["line_top1"] is None else f"{r['line_top1']:.2f}"
             gain = "" if r["gain_over_line"] is None else f"{r['gain_over_line']:+.2f}"
             setting = f"target {r[key]:.2f}" if kind == "selector" else f"escalate {r[key]:.2f}"
+            if r.get("entry") not in (None, record["fixed"][0]["label"]):
+                setting += f" (from {r['entry']})"
             lines.append(f"| {kind} | {setting} | {r['avg_bit_flops'] / g:.3f} | {r['top1']:.2f} | {line} | {gain} | "
                          f"{_fractions(r['fractions_real'])} | {_fractions(r['fractions_synthetic_selector_set'])} | "
                          f"{pr(r['oracle']['precision'])} | {pr(r['oracle']['recall'])} |")

@@ -5,6 +5,7 @@ from .model import (
            CascadeRouter,
            DynamicQuantModel,
            EscalationRouter,
+           entry_for,
            escalation_costs,
            Routing,
            SelectorRouter,
@@ -13,5 +14,5 @@ from .selector import BitSelector, OutputSelector, stem_of
 from .train import SelectorConfig, train_selector
 
 __all__ = ["BitSelector", "CascadeRouter", "DynamicQuantModel", "EscalationRouter", "LayerCost", "OutputSelector",
-           "Routing", "SelectorConfig", "SelectorRouter", "bit_flops", "choice_fractions", "escalation_costs",
+           "Routing", "SelectorConfig", "SelectorRouter", "bit_flops", "choice_fractions", "entry_for", "escalation_costs",
            "layer_costs", "layer_macs", "oracle_choices", "precision_recall", "stem_of", "train_selector"]

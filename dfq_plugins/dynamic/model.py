@@ -49,29 +49,48 @@ class SelectorRouter(nn.Module):
 
 
 class EscalationRouter(nn.Module):
-    """Run the cheapest variant on every input; an ``OutputSelector`` reads its logits and either
-    keeps them (choice 0) or runs one dearer variant k. An input pays the cheapest variant plus
-    the one it was sent to, plus the selector's own ``cost``."""
+    """Run one entry variant on every input; an ``OutputSelector`` reads its logits and either
+    keeps them (choice 0) or runs one dearer variant (choice c runs variant ``entry + c``). An
+    input pays the entry variant plus the one it was sent to, plus the selector's own ``cost``.
 
-    def __init__(self, selector: nn.Module, cost: float = 0.0) -> None:
+    ``entry`` is the dearest variant the budget affords on every input (``entry_for``): below the
+    second variant's cost that is the cheapest one; above it, escalating from the cheapest would pay
+    for a variant whose answer is then mostly thrown away. An input whose entry logits are not
+    finite is always escalated to the dearest variant: its cheap answer is no answer."""
+
+    def __init__(self, selector: nn.Module, cost: float = 0.0, entry: int = 0) -> None:
         super().__init__()
-        self.selector, self.cost = selector, float(cost)
+        if entry < 0:
+            raise ValueError(f"entry={entry}: the index of a variant, 0 for the cheapest")
+        self.selector, self.cost, self.entry = selector, float(cost), int(entry)
 
     def route(self, x: torch.Tensor, variants: Sequence[nn.Module], costs: torch.Tensor) -> Routing:
-        first = variants[0](x)
-        choices = self.selector(first).argmax(1)
+        if self.entry >= len(variants) - 1:
+            raise ValueError(f"entry={self.entry} leaves nothing to escalate to among {len(variants)} variants")
+        first = variants[self.entry](x)
+        broken = ~torch.isfinite(first).all(1)
+        choices = self.entry + self.selector(torch.nan_to_num(first)).argmax(1)
+        choices[broken] = len(variants) - 1
         out = first.clone()
-        up = choices > 0
+        up = choices > self.entry
         if up.any():  # the escalated inputs go through the shared grouping, each to its variant
             out[up] = run_grouped(x[up], choices[up], variants)
-        return Routing(out, choices, escalation_costs(costs)[choices] + self.cost)
+        return Routing(out, choices, escalation_costs(costs, self.entry)[choices] + self.cost)
 
 
-def escalation_costs(costs: torch.Tensor) -> torch.Tensor:
-    """Per-input cost of each choice when the cheapest variant always runs first."""
-    out = costs + costs[0]
-    out[0] = costs[0]
+def escalation_costs(costs: torch.Tensor, entry: int = 0) -> torch.Tensor:
+    """Per-input cost of each variant when variant ``entry`` always runs first (variants cheaper
+    than the entry are never chosen; their entries are what they would cost after it)."""
+    out = costs + costs[entry]
+    out[entry] = costs[entry]
     return out
+
+
+def entry_for(costs: torch.Tensor, target: float) -> int:
+    """The dearest variant whose cost fits ``target``, short of the dearest one (something must
+    be left to escalate to); the cheapest when none fits."""
+    fits = [i for i, c in enumerate(costs.tolist()) if c <= target]
+    return min(max(fits, default=0), len(costs) - 2)
 
 
 class CascadeRouter(nn.Module):
