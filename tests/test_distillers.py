@@ -99,6 +99,23 @@ def test_interrupted_run_resumes_to_the_same_student(trained, tmp_path):
         assert torch.equal(value, got[name]), name
 
 
+def test_a_finished_online_run_resumes_in_a_new_process_after_its_observers_were_reset(trained, tmp_path):
+    """adadfq resets the activation observers before resuming; a per-channel observer is then
+    empty and the checkpoint's ranges must still load (a rerun of `dfq bench` failed here)."""
+    cs = calibration_set()
+    config = {"name": "adadfq", "warmup_steps": 2, "observer_steps": 2, "batch_size": 8, "checkpoint_every": 0}
+    chain, first = student_for(trained, "torchao-pt2e")
+    make_distiller(config, steps=4).distill(Teacher(make_trained_tiny(), TINY_SPEC), first, cs, toolchain=chain,
+                                            progress=False, workdir=tmp_path / "run", key="k")
+    chain, again = student_for(trained, "torchao-pt2e")  # a new process: new student, same finished run
+    rerun = make_distiller(config, steps=4)
+    rerun.distill(Teacher(make_trained_tiny(), TINY_SPEC), again, cs, toolchain=chain, progress=False,
+                  workdir=tmp_path / "run", key="k")
+    assert rerun.last_run.step == 4
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), (name, value, again.state_dict()[name])
+
+
 def test_sigterm_checkpoints_like_ctrl_c(trained, tmp_path):
     import os
     import signal

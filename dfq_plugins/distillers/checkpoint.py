@@ -8,6 +8,7 @@ the wall time spent so far and the distiller's own small state. ``key`` identifi
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,27 @@ def save_checkpoint(path: Path, *, key: str, step: int, elapsed: float, modules:
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={_HEADER: text}))
 
 
+def _shapes_fit(key: str, own: tuple[int, ...], saved: tuple[int, ...]) -> bool:
+    """A reset per-channel observer holds empty ranges until it sees data; its load resizes them
+    (an online distiller resets its observers before a resumed run restores them)."""
+    return own == saved or (own == (0,) and key.endswith(("min_val", "max_val")))
+
+
 def _check_fits(path: Path, name: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = {k: tuple(v.shape) for k, v in module.state_dict().items() if torch.is_tensor(v)}
     saved = {k: tuple(v.shape) for k, v in state.items()}
-    if own != saved:
-        odd = sorted(set(own) ^ set(saved)) or [k for k in own if own[k] != saved[k]]
+    if set(own) != set(saved) or not all(_shapes_fit(k, own[k], saved[k]) for k in own):
+        odd = sorted(set(own) ^ set(saved)) or [k for k in own if not _shapes_fit(k, own[k], saved[k])]
         raise CorruptArtifactError(f"{path} holds a {name} of another model ({len(odd)} tensors differ, e.g. "
                                    f"{odd[0]!r}); delete it to restart this run")
+
+
+def _with_versions(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own per-submodule versions on a state read from safetensors: without them an
+    observer takes the state for a version-1 one and overwrites its saved ``eps`` with float32's."""
+    out = OrderedDict(state)
+    out._metadata = getattr(module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return out
 
 
 def load_checkpoint(path: Path, *, key: str, modules: dict[str, nn.Module],
@@ -92,7 +107,7 @@ def load_checkpoint(path: Path, *, key: str, modules: dict[str, nn.Module],
         prefix = f"module.{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         _check_fits(path, name, module, state)  # before loading: load_state_dict copies what fits, then raises
-        module.load_state_dict(state)
+        module.load_state_dict(_with_versions(state, module))
     for name, opt in optimizers.items():
         opt.load_state_dict(_optimizer_join(header["optimizers"][name], tensors, f"optim.{name}"))
     return header
