@@ -336,12 +336,28 @@ def run_distiller(distiller: Any, model: nn.Module, spec: InputSpec, student: nn
 
 def run_distillers(distillers: list[Any], model: nn.Module, spec: InputSpec, student: nn.Module,
                    cs: CalibrationSet | None, toolchain: Any, scheme: QuantScheme, *, seed: int = 0,
-                   cache: bool = True, progress: bool = True) -> nn.Module:
-    """Run a chain of distillers on one student, each stage's cache keyed by the stages before it."""
+                   cache: bool = True, progress: bool = True, guard: bool = True) -> nn.Module:
+    """Run a chain of distillers on one student, each stage's cache keyed by the stages before it.
+
+    ``guard``: a stage after the first is kept only if the student's agreement with ``model`` on
+    the calibration images does not collapse (``distillers.chain_guard``); otherwise the student
+    of the stage before is returned, with a warning. Each stage's ``last_guard`` says what happened.
+    """
+    from .distillers import chain_guard
+
     after: tuple[str, ...] = ()
-    for distiller in distillers:
+    for i, distiller in enumerate(distillers):
+        distiller.last_guard = None
+        keep = chain_guard.snapshot(student) if guard and i > 0 and cs is not None else None
+        before = None if keep is None else chain_guard.agreement(model, keep, toolchain, cs.images)
         student = run_distiller(distiller, model, spec, student, cs, toolchain, scheme, seed=seed, cache=cache,
                                 progress=progress, after=after)
+        if keep is not None:
+            outcome = chain_guard.judge(distiller.name, before,
+                                        chain_guard.agreement(model, student, toolchain, cs.images))
+            distiller.last_guard = outcome
+            if outcome.rolled_back:
+                student = keep
         after = (*after, f"{distiller.name}-{distiller.last_key}")
     return student
 

@@ -696,3 +696,40 @@ def test_the_most_sensitive_layers_keep_8_bit_weights(name):
     assert errors["w2a8-top1"] < errors["w2a8"] * 0.5, errors  # measured 0.30 against 0.97
     with pytest.raises(ValueError, match="same weight bits"):
         make_toolchain("nncf").check_scheme(QuantScheme.parse("w4a8-top1"))
+
+
+def test_a_chain_stage_that_wrecks_the_student_is_rolled_back_with_a_warning():
+    """``reconstruct+kd`` at W2A4 fell from 75.75 to 36.27 on ResNet-20 (docs/claims.md): a later
+    stage that collapses the student's agreement with FP hands back the stage before's student."""
+    from dfq_plugins.api import make_distillers, run_distillers
+
+    model, cs = make_trained_tiny(), calibration_set()
+    chain = make_toolchain("torchao-pt2e")
+    scheme = QuantScheme.parse("w4a4")
+    first = {"name": "kd", "steps": 4, "optimizer": "adam", "lr": 1e-4, "batch_size": 16}
+    wrecking = {"name": "kd", "steps": 4, "optimizer": "sgd", "lr": 1e4, "momentum": 0.0, "batch_size": 16}
+    x, _ = colour_images(64, seed=3)
+
+    def predictions(student):
+        with chain.measuring(student), torch.no_grad():
+            return student(x).argmax(1)
+
+    alone = run_distillers(make_distillers([first]), model, TINY_SPEC, chain.quantize(model, scheme, cs, trainable=True),
+                           cs, chain, scheme, cache=False, progress=False)
+    stages = make_distillers([first, wrecking])
+    with pytest.warns(UserWarning, match="lowered the student's agreement"):
+        guarded = run_distillers(stages, model, TINY_SPEC, chain.quantize(model, scheme, cs, trainable=True), cs,
+                                 chain, scheme, cache=False, progress=False)
+    outcome = stages[1].last_guard
+    assert outcome.rolled_back and outcome.agreement_after < outcome.agreement_before - 0.02
+    assert torch.equal(predictions(guarded), predictions(alone))
+    # unguarded, the same chain returns the wrecked student
+    unguarded = run_distillers(make_distillers([first, wrecking]), model, TINY_SPEC,
+                               chain.quantize(model, scheme, cs, trainable=True), cs, chain, scheme, cache=False,
+                               progress=False, guard=False)
+    assert not torch.equal(predictions(unguarded), predictions(alone))
+    # a stage that does no harm is kept
+    gentle = make_distillers([first, {**first, "lr": 1e-5}])
+    run_distillers(gentle, model, TINY_SPEC, chain.quantize(model, scheme, cs, trainable=True), cs, chain, scheme,
+                   cache=False, progress=False)
+    assert gentle[0].last_guard is None and gentle[1].last_guard.rolled_back is False

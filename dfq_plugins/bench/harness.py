@@ -215,6 +215,9 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                     if len(runs) > 1:
                         rec["distill_stages"] = [{"name": d.name, "steps": r.step, "seconds": round(r.elapsed, 2)}
                                                  for d, r in zip(distillers[distill], runs)]
+                    guards = [d.last_guard.to_dict() for d in distillers[distill] if getattr(d, "last_guard", None)]
+                    if guards:
+                        rec["chain_guard"] = guards
                     levels = [lv for r in runs for lv in (r.extra.get("levels") or [])]
                     if levels:
                         rec["diffusion_levels"] = levels
