@@ -345,19 +345,15 @@ def run_distillers(distillers: list[Any], model: nn.Module, spec: InputSpec, stu
     """
     from .distillers import chain_guard
 
+    checker = chain_guard.ChainGuard(model, toolchain, cs.images) if guard and cs is not None else None
     after: tuple[str, ...] = ()
     for i, distiller in enumerate(distillers):
         distiller.last_guard = None
-        keep = chain_guard.snapshot(student) if guard and i > 0 and cs is not None else None
-        before = None if keep is None else chain_guard.agreement(model, keep, toolchain, cs.images)
+        keep = checker.before(student) if checker is not None and i > 0 else None
         student = run_distiller(distiller, model, spec, student, cs, toolchain, scheme, seed=seed, cache=cache,
                                 progress=progress, after=after)
         if keep is not None:
-            outcome = chain_guard.judge(distiller.name, before,
-                                        chain_guard.agreement(model, student, toolchain, cs.images))
-            distiller.last_guard = outcome
-            if outcome.rolled_back:
-                student = keep
+            student, distiller.last_guard = checker.after(distiller.name, student, keep)
         after = (*after, f"{distiller.name}-{distiller.last_key}")
     return student
 

@@ -733,3 +733,15 @@ def test_a_chain_stage_that_wrecks_the_student_is_rolled_back_with_a_warning():
     run_distillers(gentle, model, TINY_SPEC, chain.quantize(model, scheme, cs, trainable=True), cs, chain, scheme,
                    cache=False, progress=False)
     assert gentle[0].last_guard is None and gentle[1].last_guard.rolled_back is False
+
+
+def test_a_student_that_cannot_be_copied_runs_its_stage_unguarded_and_says_so():
+    from dfq_plugins.distillers.chain_guard import ChainGuard
+
+    class Uncopyable(nn.Module):
+        def __deepcopy__(self, memo):
+            raise TypeError("holds a native handle")
+
+    guard = ChainGuard(make_tiny(), make_toolchain("torchao-pt2e"), torch.rand(4, *TINY_SPEC.shape))
+    with pytest.warns(UserWarning, match="chain guard off for this stage"):
+        assert guard.before(Uncopyable()) is None

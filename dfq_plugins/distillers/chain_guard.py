@@ -35,21 +35,51 @@ class GuardOutcome:
                 "agreement_after": round(self.agreement_after, 4), "rolled_back": self.rolled_back}
 
 
-@torch.no_grad()
-def agreement(model: nn.Module, student: nn.Module, toolchain: Any, images: torch.Tensor, chunk: int = 256) -> float:
-    """Share of ``images`` on which the student's top-1 is the FP model's (observers off)."""
-    dev = module_device(model)
-    was_training = model.training
-    model.eval()
-    same = 0
-    try:
-        with toolchain.measuring(student):
-            for i in range(0, images.shape[0], chunk):
-                x = images[i:i + chunk].to(dev)
-                same += int((model(x).argmax(1) == student(x).argmax(1)).sum())
-    finally:
-        model.train(was_training)
-    return same / max(1, images.shape[0])
+class ChainGuard:
+    """Measures a chain's student against the FP model on the calibration images. The FP
+    model's predictions are computed once per chain, and a stage's result is the next stage's
+    starting point, so each stage costs one student pass over the images."""
+
+    def __init__(self, model: nn.Module, toolchain: Any, images: torch.Tensor, chunk: int = 256) -> None:
+        self.model, self.toolchain, self.images, self.chunk = model, toolchain, images, chunk
+        self._teacher: torch.Tensor | None = None
+        self._current: float | None = None  # agreement of the student the next stage starts from
+
+    @torch.no_grad()
+    def _top1(self, net: nn.Module) -> torch.Tensor:
+        dev = module_device(self.model)
+        return torch.cat([net(self.images[i:i + self.chunk].to(dev)).argmax(1).cpu()
+                          for i in range(0, self.images.shape[0], self.chunk)])
+
+    def agreement(self, student: nn.Module) -> float:
+        """Share of the images on which the student's top-1 is the FP model's (observers off)."""
+        if self._teacher is None:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                self._teacher = self._top1(self.model)
+            finally:
+                self.model.train(was_training)
+        with self.toolchain.measuring(student):
+            same = (self._top1(student) == self._teacher).sum()
+        return int(same) / max(1, self.images.shape[0])
+
+    def before(self, student: nn.Module) -> nn.Module | None:
+        """The copy to roll back to (None: this student cannot be copied, the stage runs unguarded)."""
+        keep = snapshot(student)
+        if keep is None:
+            self._current = None  # the unguarded stage changes the student: measure it afresh next time
+        elif self._current is None:
+            self._current = self.agreement(keep)
+        return keep
+
+    def after(self, stage: str, student: nn.Module, keep: nn.Module) -> tuple[nn.Module, GuardOutcome]:
+        """The student to go on with: this stage's, or ``keep`` when the stage collapsed it."""
+        outcome = judge(stage, float(self._current), self.agreement(student))
+        if outcome.rolled_back:
+            return keep, outcome
+        self._current = outcome.agreement_after
+        return student, outcome
 
 
 def snapshot(student: nn.Module) -> nn.Module | None:
@@ -57,7 +87,7 @@ def snapshot(student: nn.Module) -> nn.Module | None:
     try:
         return copy.deepcopy(student)
     except Exception as exc:  # a toolchain's model that refuses deepcopy: run unguarded, say so
-        warnings.warn(f"chain guard off for this stage: the student could not be copied ({exc})", stacklevel=3)
+        warnings.warn(f"chain guard off for this stage: the student could not be copied ({exc})", stacklevel=4)
         return None
 
 
@@ -68,8 +98,8 @@ def judge(stage: str, before: float, after: float, tolerance: float = TOLERANCE)
         warnings.warn(f"distiller stage {stage!r} lowered the student's agreement with the FP model on the "
                       f"calibration images from {before:.1%} to {after:.1%}; the student of the stage before is "
                       f"returned. Fewer steps or a lower lr may let {stage!r} help; or leave it out of the chain.",
-                      stacklevel=3)
+                      stacklevel=4)
     return GuardOutcome(stage, before, after, rolled_back)
 
 
-__all__ = ["GuardOutcome", "TOLERANCE", "agreement", "judge", "snapshot"]
+__all__ = ["ChainGuard", "GuardOutcome", "TOLERANCE", "judge", "snapshot"]
