@@ -745,3 +745,60 @@ def test_a_student_that_cannot_be_copied_runs_its_stage_unguarded_and_says_so():
     guard = ChainGuard(make_tiny(), make_toolchain("torchao-pt2e"), torch.rand(4, *TINY_SPEC.shape))
     with pytest.warns(UserWarning, match="chain guard off for this stage"):
         assert guard.before(Uncopyable()) is None
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_relative_range_steps_move_every_scale_by_a_small_fraction(name):
+    """range_lr_mode='relative': an Adam step moves each learned scale by about lr times its own size.
+
+    With one absolute LR, Adam moves every scale by about the LR per step whatever its size: at a
+    W4A8 student's tiny weight scales that is a large fraction (the W2A4 chain collapse of docs/claims.md)."""
+    from dfq_plugins.quant.learnable import range_param_groups
+
+    model = make_trained_tiny()
+    chain = make_toolchain(name)
+    moved = {}
+    for mode in ("absolute", "relative"):
+        student = chain.quantize(model, QuantScheme.parse("w4a8"), calibration_set(), trainable=True)
+        start = [p.detach().clone() for p in chain.make_ranges_learnable(student)]
+        distiller = make_distiller({"name": "kd", "ranges": "learned", "optimizer": "adam", "lr": 1e-3,
+                                    "weight_decay": 0.0, "range_lr_mode": mode, "batch_size": 16,
+                                    "inherited_ranges": "retrain",
+                                    "lr_schedule": "constant"}, steps=4)
+        student = distiller.distill(Teacher(model, TINY_SPEC), student, calibration_set(), toolchain=chain,
+                                    progress=False)
+        scales = {id(m.scale) for m in student.modules() if "Learnable" in type(m).__name__}
+        end = chain.range_parameters(student)
+        moved[mode] = max(float(((b.detach() - a).abs() / a.abs().clamp_min(1e-12)).max())
+                          for a, b in zip(start, end) if id(b) in scales)
+    assert moved["relative"] <= 4 * 1e-3 * 1.5  # 4 steps of about 0.1% each
+    assert moved["absolute"] > 10 * moved["relative"]
+    with pytest.raises(ValueError, match="range_lr_mode"):
+        make_distiller({"name": "kd", "range_lr_mode": "scaled"})
+    groups = range_param_groups(student, chain.range_parameters(student), 0.5, relative=False)
+    assert len(groups) == 1 and groups[0]["lr"] == 0.5 and groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_a_loop_after_reconstruct_keeps_the_learned_ranges(name):
+    """An online loop resets and re-observes the activation ranges; on a student whose ranges an earlier
+    stage learned (reconstruct+adadfq) that overwrote them with MinMax ranges of generator images and cost
+    7 to 10 points at W4A4 (docs/claims.md). inherited_ranges='keep' (the default) leaves them be."""
+    model = make_trained_tiny()
+    chain = make_toolchain(name)
+    scales = {}
+    for inherited in ("keep", "retrain"):
+        student = chain.quantize(model, QuantScheme.parse("w4a4"), calibration_set(), trainable=True)
+        learned = chain.make_ranges_learnable(student)
+        with torch.no_grad():
+            for p in learned:
+                p.mul_(1.7)  # ranges no observer would give
+        start = [p.detach().clone() for p in learned]
+        distiller = make_distiller({"name": "gdfq", "observer_steps": 2, "warmup_steps": 0, "batch_size": 16,
+                                    "ranges": "learned", "inherited_ranges": inherited}, steps=3)
+        student = distiller.distill(Teacher(model, TINY_SPEC), student, calibration_set(), toolchain=chain,
+                                    progress=False)
+        end = chain.range_parameters(student)
+        scales[inherited] = all(torch.equal(a, b.detach()) for a, b in zip(start, end))
+        assert distiller.last_run.keeps_ranges is (inherited == "keep")
+    assert scales == {"keep": True, "retrain": False}

@@ -52,6 +52,12 @@ class Distiller:
     observer_steps: int = 0  # activation observers stay on for these first steps
     ranges: str = "frozen"  # after observer_steps: frozen | observe | learned (LSQ scales on every toolchain)
     range_lr_scale: float = 1.0  # learned ranges train at lr * this
+    # absolute: one Adam/SGD LR for every scale; relative: each scale's LR times its own mean size, so an
+    # 8-bit weight scale of 1e-3 and an activation scale of 0.5 move by the same fraction per step
+    range_lr_mode: str = "absolute"
+    # a student that arrives with learned ranges (reconstruct's, in reconstruct+kd): keep them frozen, with no
+    # observer, or retrain them under this loop's ranges/observer_steps (observers would overwrite them)
+    inherited_ranges: str = "keep"
     time_budget_s: float = 0.0  # stop early after this much wall time (0: steps only)
     checkpoint_every: int = 200
     bn_mode: str = "running"  # running: BN on its running statistics (GDFQ family); batch: BN in train mode
@@ -65,7 +71,9 @@ class Distiller:
         "observer_steps": NON_NEGATIVE, "range_lr_scale": POSITIVE, "time_budget_s": NON_NEGATIVE,
         "checkpoint_every": NON_NEGATIVE}  # 0: no checkpoints
     choices: ClassVar[dict[str, tuple]] = {"optimizer": OPTIMIZERS, "ranges": tuple(RANGE_MODES),
-                                           "lr_schedule": tuple(LR_SCHEDULES), "bn_mode": ("running", "batch")}
+                                           "lr_schedule": tuple(LR_SCHEDULES), "bn_mode": ("running", "batch"),
+                                           "range_lr_mode": ("absolute", "relative"),
+                                           "inherited_ranges": ("keep", "retrain")}
     extra_bounds: ClassVar[dict[str, Bound]] = {}
     extra_choices: ClassVar[dict[str, tuple]] = {}
 

@@ -89,7 +89,9 @@ class KDDistiller(Distiller):
 
     def reset_ranges(self, run: TrainingRun) -> None:
         """Let the generator's images set the activation ranges during the observer window."""
-        if run.toolchain.reset_observers(run.student) == 0 and run.d.ranges != "learned":
+        if run.keeps_ranges:  # an earlier stage learned them (reconstruct+adadfq): resetting would discard them
+            return
+        if run.toolchain.reset_observers(run.student) == 0 and run.ranges != "learned":
             warnings.warn(f"{run.toolchain.name}'s student has no range observers to reset: its ranges stay as "
                           "calibrated on the source set. Pass ranges='learned' to adapt them to the generator.",
                           stacklevel=3)

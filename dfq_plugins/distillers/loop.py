@@ -37,7 +37,7 @@ from torch import nn
 from .. import distributed
 from ..errors import NonFiniteError
 from ..progress import log, progress_bar
-from ..quant.learnable import clamp_scales
+from ..quant.learnable import clamp_scales, learned_range_parameters, range_param_groups
 from ..teacher import Teacher
 from .checkpoint import load_checkpoint, save_checkpoint
 
@@ -117,6 +117,16 @@ class TrainingRun:
         self._observing = False
         self._pending_interrupt: list[int] = []
         self._learned_ranges: list[torch.Tensor] = []
+        # the range handling this run applies: the distiller's, unless the student arrives with ranges an
+        # earlier stage learned (reconstruct+kd) and the distiller keeps them (inherited_ranges="keep")
+        self.keeps_ranges = (getattr(distiller, "inherited_ranges", "keep") == "keep"
+                             and bool(learned_range_parameters(student)))
+        self.ranges = "frozen" if self.keeps_ranges else distiller.ranges
+        self.observer_steps = 0 if self.keeps_ranges else distiller.observer_steps
+        if self.keeps_ranges and (distiller.ranges != "frozen" or distiller.observer_steps):
+            log.info("distiller %s: the student's ranges were learned by an earlier stage; they stay as they are "
+                     "(ranges=%r and observer_steps=%d not applied; inherited_ranges='retrain' applies them)",
+                     distiller.name, distiller.ranges, distiller.observer_steps)
         self.world = distributed.current()
         # off the CPU a non-finite loss is noted on the device (first step per trainable) and read with
         # the losses, every LOG_EVERY steps and before every checkpoint; on the CPU it stops the update
@@ -126,9 +136,10 @@ class TrainingRun:
     # -- set-up -------------------------------------------------------------------------------
     def add_student(self) -> None:
         d = self.d
-        if d.ranges not in RANGE_MODES:
-            raise ValueError(f"ranges={d.ranges!r}; choose one of {RANGE_MODES}")
-        if d.ranges == "learned":
+        ranges_mode = self.ranges
+        if ranges_mode not in RANGE_MODES:
+            raise ValueError(f"ranges={ranges_mode!r}; choose one of {RANGE_MODES}")
+        if ranges_mode == "learned":
             ranges = self.toolchain.make_ranges_learnable(self.student)
             if not ranges:
                 raise ValueError(f"ranges='learned' needs trainable quantizer ranges, and {self.toolchain.name} "
@@ -136,15 +147,16 @@ class TrainingRun:
         else:
             ranges = self.toolchain.range_parameters(self.student)
         range_ids = {id(p) for p in ranges}
-        self._learned_ranges = list(ranges) if d.ranges == "learned" else []
+        self._learned_ranges = list(ranges) if ranges_mode == "learned" else []
         for p in ranges:
-            p.requires_grad_(d.ranges == "learned")
+            p.requires_grad_(ranges_mode == "learned")
         params = [p for p in self.student.parameters() if p.requires_grad and id(p) not in range_ids]
         if not params:
             raise ValueError("the student has no trainable parameter: prepare it with trainable=True")
         groups = [{"params": params}]
-        if d.ranges == "learned":
-            groups.append({"params": ranges, "weight_decay": 0.0, "lr": d.lr * d.range_lr_scale})
+        if ranges_mode == "learned":
+            groups += range_param_groups(self.student, ranges, d.lr * d.range_lr_scale,
+                                         relative=d.range_lr_mode == "relative")
         if d.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=d.lr, momentum=d.momentum,
                                                          nesterov=d.momentum > 0, weight_decay=d.weight_decay)
@@ -202,7 +214,7 @@ class TrainingRun:
         loss.backward(inputs=params)
         distributed.average_gradients(params, self.world)
         t.optimizer.step()
-        if name == "student" and self.d.ranges == "learned":
+        if name == "student" and self.ranges == "learned":
             clamp_scales(self.student)
 
     def _note_nonfinite(self, name: str, loss: torch.Tensor) -> None:
@@ -247,7 +259,7 @@ class TrainingRun:
 
     # -- the loop -------------------------------------------------------------------------------
     def _set_observing(self) -> None:
-        want = self.step < self.d.observer_steps or self.d.ranges == "observe"
+        want = self.step < self.observer_steps or self.ranges == "observe"
         if want != self._observing or self.step == 0:
             self.toolchain.set_observers(self.student, want)
             self._observing = want
@@ -290,7 +302,7 @@ class TrainingRun:
         extra = dict(header.get("extra", {}))
         self.history = list(extra.pop("history", []))
         self.extra = extra
-        self._observing = not (self.step < self.d.observer_steps or self.d.ranges == "observe")  # force a set
+        self._observing = not (self.step < self.observer_steps or self.ranges == "observe")  # force a set
         log.info("distiller %s: resuming from the checkpoint at step %d of %d (%s)", self.d.name, self.step,
                  self.d.steps, path.parent.name)
         return True
@@ -311,7 +323,7 @@ class TrainingRun:
         total = d.steps
         bar = progress_bar(total=total, desc=f"distill {d.name}", enabled=self.progress and self.world.is_main,
                            initial=self.step)
-        sync_buffers = self.world.distributed and (d.bn_mode == "batch" or d.ranges == "observe" or d.observer_steps)
+        sync_buffers = self.world.distributed and (d.bn_mode == "batch" or self.ranges == "observe" or self.observer_steps)
         started = time.perf_counter() - self.elapsed
         meter = LossMeter()
         try:
