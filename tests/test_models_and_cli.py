@@ -127,9 +127,10 @@ def test_model_recipes_fill_in_source_defaults():
     from dfq_plugins.cli import build_parser
     from dfq_plugins.cli.common import settings as _settings
 
-    args = build_parser().parse_args(["bench", "--model", "efficientnet-lite0", "--set", "zeroq.lr=0.1"])
+    args = build_parser().parse_args(["bench", "--model", "efficientnet-lite0", "--set", "zeroq.lr=0.2"])
     s = _settings(args, "bench")
-    assert s["sources"]["zeroq"] == {"iterations": 100, "synthesis_batch_size": 32, "lr": 0.1}
+    assert s["sources"]["zeroq"] == {"iterations": 100, "synthesis_batch_size": 32, "bn_distance": "relative",
+                                     "lr": 0.2}
 
 
 @pytest.mark.compat
