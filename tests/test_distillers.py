@@ -330,14 +330,17 @@ def test_bench_rows_record_calibrated_and_distilled_accuracy(resnet20, tmp_path)
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--quiet", "--model", "cifar10-resnet20", "--toolchain", "torch-ao-fx", "--scheme",
-                 "w4a4", "--rows", "real+kd,noise", "--images", "32", "--steps", "3", "--test-limit", "100",
-                 "--json", str(out)]) == 0
+                 "w4a4", "--rows", "real+kd,noise,real+reconstruct+kd", "--images", "32", "--steps", "3",
+                 "--distill-set", "reconstruct.steps=2", "--test-limit", "100", "--json", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
-    assert {(r["source"], r["distill"]) for r in records} == {("real", "kd"), ("noise", None)}
-    distilled = next(r for r in records if r["distill"])
+    assert {(r["source"], r["distill"]) for r in records} == {("real", "kd"), ("noise", None),
+                                                              ("real", "reconstruct+kd")}
+    distilled = next(r for r in records if r["distill"] == "kd")
     assert distilled["distill_steps"] == 3 and distilled["distill_config"]["steps"] == 3
     assert "top1_calibrated" in distilled
     assert "real+kd" in (tmp_path / "bench.md").read_text()
+    chained = next(r for r in records if r["distill"] == "reconstruct+kd")
+    assert [s.get("ranges_kept", False) for s in chained["distill_stages"]] == [False, True]
 
 
 @pytest.mark.parametrize("toolchain", ["torch-ao-fx", "torchao-pt2e"])

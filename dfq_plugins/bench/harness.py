@@ -213,7 +213,8 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                                 "distill_seconds": round(sum(r.elapsed for r in runs), 2),
                                 "distill_wall_this_process": round(time.perf_counter() - t_dist, 2)})
                     if len(runs) > 1:
-                        rec["distill_stages"] = [{"name": d.name, "steps": r.step, "seconds": round(r.elapsed, 2)}
+                        rec["distill_stages"] = [{"name": d.name, "steps": r.step, "seconds": round(r.elapsed, 2),
+                                                  **({"ranges_kept": True} if getattr(r, "keeps_ranges", False) else {})}
                                                  for d, r in zip(distillers[distill], runs)]
                     guards = [d.last_guard.to_dict() for d in distillers[distill] if getattr(d, "last_guard", None)]
                     if guards:
