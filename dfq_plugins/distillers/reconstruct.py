@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import distributed
-from ..config import POSITIVE, UNIT, UNIT_OPEN_ABOVE, Bound
+from ..config import NON_NEGATIVE, POSITIVE, UNIT, UNIT_OPEN_ABOVE, Bound
 from ..data import CalibrationSet
 from ..progress import progress_bar
 from ..quant.blocks import Block, BlockRunner, block_parameters, find_blocks
@@ -93,8 +93,12 @@ class ReconstructDistiller(Distiller):
     ranges: str = "learned"
     loss: str = "mse"
     bias_correction: str = "bn"  # before training (see _correct_start): "bn", "on" (images as they are), "off"
+    # refuse to fit images the FP model's BatchNorm statistics say are unlike its training data (mean
+    # mismatch in running stds, synthesizers.bn_stats.bn_mismatch: real 0.10, zeroq 0.05, noise ~0.5);
+    # 0 turns the check off
+    bn_check: float = 0.3
     extra_bounds: ClassVar[dict[str, Bound]] = {"range_lr": POSITIVE, "weight_lr": POSITIVE, "qdrop": UNIT,
-                                                 "holdout": UNIT_OPEN_ABOVE}
+                                                 "holdout": UNIT_OPEN_ABOVE, "bn_check": NON_NEGATIVE}
     extra_choices: ClassVar[dict[str, tuple]] = {"bias_correction": ("bn", "on", "off")}
 
     def __post_init__(self) -> None:
@@ -119,6 +123,10 @@ class ReconstructDistiller(Distiller):
         from ..device import module_device
 
         images = source.images.float().to(module_device(student))  # block inputs/outputs live where the student is
+        mismatch, refused = self._unlike_training_data(teacher, images) if self.bn_check else (None, False)
+        if refused:
+            self.last_run = RunSummary(extra={"returned": "calibrated", "bn_mismatch": mismatch, "refused": "bn_check"})
+            return student
         train, held = self._split(images.shape[0], seed)
         toolchain.make_ranges_learnable(student)
         blocks = find_blocks(student)
@@ -165,7 +173,7 @@ class ReconstructDistiller(Distiller):
             bar.close()
         snap_weights_to_grid(student, images[:2], toolchain)
         toolchain.student_eval(student)
-        outcome: dict[str, Any] = {**start, "blocks": len(blocks), "block_mse": history,
+        outcome: dict[str, Any] = {**start, "bn_mismatch": mismatch, "blocks": len(blocks), "block_mse": history,
                                    "blocks_kept": sum(1 for h in history if h.get("kept", True))}
         if calibrated is not None:
             end_error = _output_error(student, shadow, images[held])
@@ -180,6 +188,25 @@ class ReconstructDistiller(Distiller):
                               "came. More calibration images, or fewer steps, may let it help.", stacklevel=2)
         self.last_run = RunSummary(step=sum(steps[:done]), elapsed=time.perf_counter() - started, extra=outcome)
         return student
+
+    def _unlike_training_data(self, teacher: Teacher, images: torch.Tensor) -> tuple[float | None, bool]:
+        """The images' BN mismatch (``None`` without BatchNorm), and whether to refuse them.
+
+        The held-back guard judges each block on calibration images too, so it cannot see what fitting
+        images unlike the training data costs on real ones: on Gaussian noise, ResNet-56 W4A4 fell from
+        79.83 to 60.84 and EfficientNet-Lite0 W4A8 from 71.30 to 38.30 with every block "improving"."""
+        from ..synthesizers.bn_stats import bn_mismatch
+
+        mismatch = bn_mismatch(teacher.model, images)
+        if mismatch is None or mismatch <= self.bn_check:
+            return None if mismatch is None else round(mismatch, 4), False
+        warnings.warn(f"reconstruct: the calibration images are unlike the data the model was trained on (its "
+                      f"BatchNorm statistics are off by {mismatch:.2f} running stds on average, against about 0.1 "
+                      f"for real images; bn_check = {self.bn_check}). Fitting the blocks to them lowers accuracy "
+                      "on real images, and the held-back check cannot see it, so the calibrated student is "
+                      "returned as it came. Use real images or a data-free source (zeroq, genie), or set "
+                      "reconstruct.bn_check=0 to fit them anyway.", stacklevel=3)
+        return round(mismatch, 4), True
 
     def _correct_start(self, teacher: Teacher, student: fx.GraphModule, shadow: nn.Module, toolchain: Any,
                        images: torch.Tensor, train: torch.Tensor, held: torch.Tensor | None) -> dict[str, Any]:

