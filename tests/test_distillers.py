@@ -341,6 +341,8 @@ def test_bench_rows_record_calibrated_and_distilled_accuracy(resnet20, tmp_path)
     assert "real+kd" in (tmp_path / "bench.md").read_text()
     chained = next(r for r in records if r["distill"] == "reconstruct+kd")
     assert [s.get("ranges_kept", False) for s in chained["distill_stages"]] == [False, True]
+    assert chained["reconstruct"]["blocks"] == 11  # ResNet-20: stem, 9 residual blocks, head
+    assert 0 <= chained["reconstruct"]["bn_mismatch"] < 0.3  # real images pass the check
 
 
 @pytest.mark.parametrize("toolchain", ["torch-ao-fx", "torchao-pt2e"])

@@ -54,6 +54,11 @@ class BenchPlan:
         return self.distill_seeds.get(row_name(source, distill), self.seeds)
 
 
+# reconstruct's outcome as a record shows it (not the per-block history)
+RECONSTRUCT_SUMMARY = ("returned", "refused", "bn_mismatch", "blocks", "blocks_kept", "held_images",
+                       "held_output_mse_before", "held_output_mse_after", "start_bias_corrected")
+
+
 def row_name(source: str, distill: str | None) -> str:
     return source if distill is None else f"{source}+{distill}"
 
@@ -219,6 +224,10 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                     guards = [d.last_guard.to_dict() for d in distillers[distill] if getattr(d, "last_guard", None)]
                     if guards:
                         rec["chain_guard"] = guards
+                    summaries = [{k: r.extra[k] for k in RECONSTRUCT_SUMMARY if k in r.extra}
+                                 for r in runs if "returned" in r.extra or "block_mse" in r.extra]
+                    if summaries:  # what reconstruct's guards did: the held-back check, bn_check
+                        rec["reconstruct"] = summaries[0]
                     levels = [lv for r in runs for lv in (r.extra.get("levels") or [])]
                     if levels:
                         rec["diffusion_levels"] = levels
