@@ -775,6 +775,12 @@ def test_relative_range_steps_move_every_scale_by_a_small_fraction(name):
     assert moved["absolute"] > 10 * moved["relative"]
     with pytest.raises(ValueError, match="range_lr_mode"):
         make_distiller({"name": "kd", "range_lr_mode": "scaled"})
+    with pytest.raises(ValueError, match="inherited_ranges"):
+        make_distiller({"name": "adadfq", "inherited_ranges": "forget"})
+    with pytest.raises(ValueError, match="bn_check"):
+        make_distiller({"name": "reconstruct", "bn_check": -1})
+    with pytest.raises(ValueError, match="bn_check"):
+        make_distiller({"name": "reconstruct", "bn_check": "high"})
     groups = range_param_groups(student, chain.range_parameters(student), 0.5, relative=False)
     assert len(groups) == 1 and groups[0]["lr"] == 0.5 and groups[0]["weight_decay"] == 0.0
 
