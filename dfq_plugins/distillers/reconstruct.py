@@ -97,8 +97,12 @@ class ReconstructDistiller(Distiller):
     # mismatch in running stds, synthesizers.bn_stats.bn_mismatch: real 0.10, zeroq 0.05, noise ~0.5);
     # 0 turns the check off
     bn_check: float = 0.3
+    # every this many steps, the block's held-back error is measured; training stops (and the best state
+    # seen is restored) once it has not fallen by 1% since the last check. 0: every block runs all its steps
+    early_stop: int = 0
     extra_bounds: ClassVar[dict[str, Bound]] = {"range_lr": POSITIVE, "weight_lr": POSITIVE, "qdrop": UNIT,
-                                                 "holdout": UNIT_OPEN_ABOVE, "bn_check": NON_NEGATIVE}
+                                                 "holdout": UNIT_OPEN_ABOVE, "bn_check": NON_NEGATIVE,
+                                                 "early_stop": NON_NEGATIVE}
     extra_choices: ClassVar[dict[str, tuple]] = {"bias_correction": ("bn", "on", "off")}
 
     def __post_init__(self) -> None:
@@ -124,10 +128,15 @@ class ReconstructDistiller(Distiller):
 
         images = source.images.float().to(module_device(student))  # block inputs/outputs live where the student is
         mismatch, refused = self._unlike_training_data(teacher, images) if self.bn_check else (None, False)
-        if refused:
-            self.last_run = RunSummary(extra={"returned": "calibrated", "bn_mismatch": mismatch, "refused": "bn_check"})
-            return student
         train, held = self._split(images.shape[0], seed)
+        if refused:  # no block trains; the start is still bias-corrected, as post-training's -bcbn would be
+            start = {"start_bias_corrected": 0}
+            if self.bias_correction == "bn":  # "on" would fit the biases to the images refused; observers stay put
+                with toolchain.measuring(student):
+                    start = self._correct_start(teacher, student, _fp_shadow(student), toolchain, images, train, held)
+            self.last_run = RunSummary(extra={**start, "returned": "calibrated", "bn_mismatch": mismatch,
+                                              "refused": "bn_check"})
+            return student
         toolchain.make_ranges_learnable(student)
         blocks = find_blocks(student)
         ranges = {id(p) for p in learned_range_parameters(student)}
@@ -203,8 +212,8 @@ class ReconstructDistiller(Distiller):
         warnings.warn(f"reconstruct: the calibration images are unlike the data the model was trained on (its "
                       f"BatchNorm statistics are off by {mismatch:.2f} running stds on average, against about 0.1 "
                       f"for real images; bn_check = {self.bn_check}). Fitting the blocks to them lowers accuracy "
-                      "on real images, and the held-back check cannot see it, so the calibrated student is "
-                      "returned as it came. Use real images or a data-free source (zeroq, genie), or set "
+                      "on real images, and the held-back check cannot see it, so no block is fitted: the "
+                      "calibrated student is returned with its biases corrected only. Use real images or a data-free source (zeroq, genie), or set "
                       "reconstruct.bn_check=0 to fit them anyway.", stacklevel=3)
         return round(mismatch, 4), True
 
@@ -277,7 +286,15 @@ class ReconstructDistiller(Distiller):
         record: dict[str, Any] = {"block": block.index, "steps": steps}
         with torch.no_grad():
             record.update(_errors(_run_all(runner, q_in, 256), fp_out, train, held, "before"))
+        check = self.early_stop if held is not None else 0
+        best = (record["held_before"], None) if check else None
         for step in range(steps):
+            if check and step and step % check == 0:
+                best, stop = self._check_progress(runner, student, block, q_in, fp_out, held, best)
+                if stop:
+                    bar.update(steps - step)
+                    record["steps_run"] = step
+                    break
             idx = train[torch.randint(0, train.numel(), (min(self.batch_size, train.numel()),), generator=g)]
             x = q_in[idx]
             if self.qdrop > 0:
@@ -291,6 +308,8 @@ class ReconstructDistiller(Distiller):
             if step % 20 == 0:
                 bar.set_postfix({"block": block.index, "mse": f"{loss.item():.3g}"}, refresh=False)
             bar.update(1)
+        if best is not None and best[1] is not None and "steps_run" not in record:
+            best, _ = self._check_progress(runner, student, block, q_in, fp_out, held, best, last=True)
         with torch.no_grad():
             q_out = _run_all(runner, q_in, 256)  # also the next block's input: one pass for both
             record.update(_errors(q_out, fp_out, train, held, "after"))
@@ -301,6 +320,23 @@ class ReconstructDistiller(Distiller):
                         tensor.copy_(value)
                     q_out = _run_all(runner, q_in, 256)
         return record, q_out
+
+
+    @torch.no_grad()
+    def _check_progress(self, runner: BlockRunner, student: fx.GraphModule, block: Block, q_in: torch.Tensor,
+                        fp_out: torch.Tensor, held: torch.Tensor, best: tuple[float, Any],
+                        last: bool = False) -> tuple[tuple[float, Any], bool]:
+        """Early stop: the held-back error now against the best seen; on no 1% gain, the best is restored.
+
+        A block already near its FP output (Lite0's late blocks) stops after a check or two, so the
+        budget goes to the blocks that still learn."""
+        error = float(F.mse_loss(runner(q_in[held]), fp_out[held]))
+        if error < best[0] * 0.99:
+            return (error, _block_state(student, block)), False
+        if best[1] is not None and error > best[0]:
+            for tensor, value in best[1]:
+                tensor.copy_(value)
+        return best, not last
 
 
 def _errors(out: torch.Tensor, reference: torch.Tensor, train: torch.Tensor, held: torch.Tensor | None,
