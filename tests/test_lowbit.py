@@ -307,6 +307,9 @@ def test_reconstruct_early_stop_ends_blocks_that_stopped_learning_and_keeps_thei
     assert runs[5].extra["held_output_mse_after"] <= runs[0].extra["held_output_mse_after"] * 1.5
     with pytest.raises(ValueError, match="early_stop"):
         make_distiller({"name": "reconstruct", "early_stop": -2})
+    # added after runs were cached: off, it leaves the config (and so every cache key and record) as it was
+    assert "early_stop" not in make_distiller({"name": "reconstruct"}).config_dict()
+    assert make_distiller({"name": "reconstruct", "early_stop": 25}).config_dict()["early_stop"] == 25
 
 
 @pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)

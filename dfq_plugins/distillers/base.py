@@ -63,6 +63,9 @@ class Distiller:
     bn_mode: str = "running"  # running: BN on its running statistics (GDFQ family); batch: BN in train mode
 
     speed_only_fields: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
+    # options added after runs were cached and recorded, with the default that does what runs did before:
+    # at that default they stay out of config_dict, so caches and `dfq bench --json` resumes stay valid
+    later_options: ClassVar[dict[str, Any]] = {}
     # valid ranges and choices of the options, checked when the distiller is built (before any work);
     # subclasses add theirs with ``extra_bounds``/``extra_choices``
     bounds: ClassVar[dict[str, Bound]] = {
@@ -105,6 +108,8 @@ class Distiller:
             if f.name.startswith("_") or f.name in self.speed_only_fields:
                 continue
             v = getattr(self, f.name)
+            if f.name in self.later_options and v == self.later_options[f.name]:
+                continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 

@@ -104,6 +104,7 @@ class ReconstructDistiller(Distiller):
                                                  "holdout": UNIT_OPEN_ABOVE, "bn_check": NON_NEGATIVE,
                                                  "early_stop": NON_NEGATIVE}
     extra_choices: ClassVar[dict[str, tuple]] = {"bias_correction": ("bn", "on", "off")}
+    later_options: ClassVar[dict[str, Any]] = {"early_stop": 0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
