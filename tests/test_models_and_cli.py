@@ -111,6 +111,10 @@ def test_cli_errors_are_one_clear_line(capsys):
     assert "no toolchain named 'tensorrt'" in capsys.readouterr().err
     assert main(["bench", "--set", "iterations=3", "--quiet"]) == 2
     assert "SOURCE.KEY=VALUE" in capsys.readouterr().err
+    assert main(["bench", "--rows", "real+reconstruct", "--set", "reconstruct.steps=3", "--quiet"]) == 2
+    assert "pass it as --distill-set reconstruct.steps=3" in capsys.readouterr().err
+    assert main(["bench", "--rows", "zeroq", "--distill-set", "zeroq.lr=0.1", "--quiet"]) == 2
+    assert "pass it as --set zeroq.lr=0.1" in capsys.readouterr().err
 
 
 def test_speed_reports_throughput_against_the_floor(resnet20, tmp_path, capsys):

@@ -65,13 +65,27 @@ def settings(args: argparse.Namespace, command: str) -> dict[str, Any]:
     merged["toolchains"] = {k: dict(v) for k, v in recipe.get("toolchains", {}).items()}
     merged["distillers"] = {k: dict(v) for k, v in recipe.get("distillers", {}).items()}
     set_args = getattr(args, "set", None) or []
+    distill_args = getattr(args, "distill_set", None) or []
+    _check_override_kinds(set_args, distill_args)
     apply_overrides(merged["sources"], set_args)
-    apply_overrides(merged["distillers"], getattr(args, "distill_set", None) or [])
+    apply_overrides(merged["distillers"], distill_args)
     unused_defaults = {n for n in defaults if n not in recipe.get("sources", {})
                        and n not in {a.partition(".")[0].strip() for a in set_args}}
     _check_plugins(merged, command, unused_defaults)
     merged["model_defaulted"] = "model" in keys and "model" not in recipe and getattr(args, "model", None) is None
     return merged
+
+
+def _check_override_kinds(set_args: list[str], distill_args: list[str]) -> None:
+    """``--set reconstruct.steps=50`` names a distiller where a source belongs: say which flag takes it."""
+    for flag, args, kind, other_flag, other_kind in (("--set", set_args, "synthesizers", "--distill-set", "distillers"),
+                                                     ("--distill-set", distill_args, "distillers", "--set",
+                                                      "synthesizers")):
+        for arg in args:
+            name = arg.partition("=")[0].partition(".")[0].strip()
+            if name and name not in plugins.collect(kind) and name in plugins.collect(other_kind):
+                raise DFQError(f"{flag} {arg}: {name!r} is a {other_kind[:-1]}, not a {kind[:-1]}; "
+                               f"pass it as {other_flag} {arg}")
 
 
 def _check_recipe(recipe: dict[str, Any], command: str, path: str | None) -> list[str]:
