@@ -302,6 +302,7 @@ def test_reconstruct_early_stop_ends_blocks_that_stopped_learning_and_keeps_thei
     stopped = [h for h in early if "steps_run" in h]
     assert stopped and all(h["steps_run"] < 200 and h["steps_run"] % 5 == 0 for h in stopped)
     assert runs[5].step == runs[0].step == 600  # the bar and the record count the budget, not the steps run
+    assert runs[0].extra["steps_trained"] == 600 > runs[5].extra["steps_trained"]
     for h in early:  # a kept block is never worse on held-back images than where it started
         assert not h["kept"] or h["held_after"] < h["held_before"]
     assert runs[5].extra["held_output_mse_after"] <= runs[0].extra["held_output_mse_after"] * 1.5

@@ -56,7 +56,7 @@ class BenchPlan:
 
 # reconstruct's outcome as a record shows it (not the per-block history)
 RECONSTRUCT_SUMMARY = ("returned", "refused", "bn_mismatch", "blocks", "blocks_kept", "held_images",
-                       "held_output_mse_before", "held_output_mse_after", "start_bias_corrected")
+                       "held_output_mse_before", "held_output_mse_after", "start_bias_corrected", "steps_trained")
 
 
 def row_name(source: str, distill: str | None) -> str:

@@ -184,7 +184,8 @@ class ReconstructDistiller(Distiller):
         snap_weights_to_grid(student, images[:2], toolchain)
         toolchain.student_eval(student)
         outcome: dict[str, Any] = {**start, "bn_mismatch": mismatch, "blocks": len(blocks), "block_mse": history,
-                                   "blocks_kept": sum(1 for h in history if h.get("kept", True))}
+                                   "blocks_kept": sum(1 for h in history if h.get("kept", True)),
+                                   "steps_trained": sum(h.get("steps_run", h.get("steps", 0)) for h in history)}
         if calibrated is not None:
             end_error = _output_error(student, shadow, images[held])
             outcome.update(held_images=int(held.numel()), held_output_mse_before=start_error,
