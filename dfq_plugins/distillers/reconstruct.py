@@ -39,7 +39,7 @@ from ..config import NON_NEGATIVE, POSITIVE, UNIT, UNIT_OPEN_ABOVE, Bound
 from ..data import CalibrationSet
 from ..progress import progress_bar
 from ..quant.blocks import Block, BlockRunner, block_parameters, find_blocks
-from ..quant.learnable import clamp_scales, learned_range_parameters
+from ..quant.learnable import clamp_scales, clampable_scales, learned_range_parameters
 from ..quant.snap import snap_weights_to_grid
 from ..teacher import Teacher
 from .base import Distiller
@@ -284,6 +284,7 @@ class ReconstructDistiller(Distiller):
         for p in steps_of:  # Adam's step ignores the gradient's size: make it relative to the scale's
             groups.append({"params": [p], "lr": self.range_lr * max(float(p.detach().abs().mean()), 1e-8)})
         opt = torch.optim.Adam(groups, weight_decay=self.weight_decay)
+        clampable = clampable_scales(student, {id(p) for p in steps_of})  # the others do not move here
         saved = _block_state(student, block) if held is not None else None
         record: dict[str, Any] = {"block": block.index, "steps": steps}
         with torch.no_grad():
@@ -306,7 +307,7 @@ class ReconstructDistiller(Distiller):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            clamp_scales(student)
+            clamp_scales(student, clampable)
             if step % 20 == 0:
                 bar.set_postfix({"block": block.index, "mse": f"{loss.item():.3g}"}, refresh=False)
             bar.update(1)

@@ -109,8 +109,15 @@ def range_param_groups(student: nn.Module, ranges: list[nn.Parameter], lr: float
     return groups
 
 
+def clampable_scales(student: nn.Module, only: set[int] | None = None) -> list[nn.Module]:
+    """The learnable fake-quants whose scale ``clamp_scales`` keeps positive (``only``: scale ids)."""
+    return [m for m in student.modules()
+            if "Learnable" in type(m).__name__ and isinstance(getattr(m, "scale", None), nn.Parameter)
+            and (only is None or id(m.scale) in only)]
+
+
 @torch.no_grad()
-def clamp_scales(student: nn.Module) -> None:
+def clamp_scales(student: nn.Module, modules: list[nn.Module] | None = None) -> None:
     """Keep learned scales positive after an optimiser step.
 
     torch.ao's learnable fake-quant clamps its scale in forward, torchao's only in
@@ -118,9 +125,8 @@ def clamp_scales(student: nn.Module) -> None:
     the student and with ``eps`` in the converted model (seen: an 8-bit weight scale of 1.5e-3
     pushed to -0.018 by a fixed Adam step, and the converted model 7 logits away).
     """
-    for m in student.modules():
-        if "Learnable" in type(m).__name__ and isinstance(getattr(m, "scale", None), nn.Parameter):
-            m.scale.clamp_(min=float(m.eps))
+    for m in clampable_scales(student) if modules is None else modules:  # a block's own: no walk of the model
+        m.scale.clamp_(min=float(m.eps))
 
 
 def observer_is_on(module: Any) -> bool:
