@@ -98,7 +98,7 @@ class ReconstructDistiller(Distiller):
     # 0 turns the check off
     bn_check: float = 0.3
     # every this many steps, the block's held-back error is measured; training stops (and the best state
-    # seen is restored) once it has not fallen by 1% since the last check. 0: every block runs all its steps
+    # seen is restored) once it is not 1% below the best so far. 0: every block runs all its steps
     early_stop: int = 0
     extra_bounds: ClassVar[dict[str, Bound]] = {"range_lr": POSITIVE, "weight_lr": POSITIVE, "qdrop": UNIT,
                                                  "holdout": UNIT_OPEN_ABOVE, "bn_check": NON_NEGATIVE,
@@ -215,8 +215,9 @@ class ReconstructDistiller(Distiller):
                       f"BatchNorm statistics are off by {mismatch:.2f} running stds on average, against about 0.1 "
                       f"for real images; bn_check = {self.bn_check}). Fitting the blocks to them lowers accuracy "
                       "on real images, and the held-back check cannot see it, so no block is fitted: the "
-                      "calibrated student is returned with its biases corrected only. Use real images or a data-free source (zeroq, genie), or set "
-                      "reconstruct.bn_check=0 to fit them anyway.", stacklevel=3)
+                      "calibrated student is returned with its biases corrected only (with these images, "
+                      "calibration alone, without reconstruct, scores higher). Use real images or a data-free "
+                      "source (zeroq, genie), or set reconstruct.bn_check=0 to fit them anyway.", stacklevel=3)
         return round(mismatch, 4), True
 
     def _correct_start(self, teacher: Teacher, student: fx.GraphModule, shadow: nn.Module, toolchain: Any,
