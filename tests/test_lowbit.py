@@ -306,8 +306,9 @@ def test_reconstruct_early_stop_ends_blocks_that_stopped_learning_and_keeps_thei
     for h in early:  # a kept block is never worse on held-back images than where it started
         assert not h["kept"] or h["held_after"] < h["held_before"]
     assert runs[5].extra["held_output_mse_after"] <= runs[0].extra["held_output_mse_after"] * 1.5
-    with pytest.raises(ValueError, match="early_stop"):
-        make_distiller({"name": "reconstruct", "early_stop": -2})
+    for bad in (-2, "often", 2.5, float("nan")):
+        with pytest.raises(ValueError, match="early_stop"):
+            make_distiller({"name": "reconstruct", "early_stop": bad})
     # added after runs were cached: off, it leaves the config (and so every cache key and record) as it was
     assert "early_stop" not in make_distiller({"name": "reconstruct"}).config_dict()
     assert make_distiller({"name": "reconstruct", "early_stop": 25}).config_dict()["early_stop"] == 25
