@@ -37,7 +37,7 @@ from torch import nn
 from .. import distributed
 from ..errors import NonFiniteError
 from ..progress import log, progress_bar
-from ..quant.learnable import clamp_scales, learned_range_parameters, range_param_groups
+from ..quant.learnable import clamp_scales, clampable_scales, learned_range_parameters, range_param_groups
 from ..teacher import Teacher
 from .checkpoint import load_checkpoint, save_checkpoint
 
@@ -131,6 +131,7 @@ class TrainingRun:
         # off the CPU a non-finite loss is noted on the device (first step per trainable) and read with
         # the losses, every LOG_EVERY steps and before every checkpoint; on the CPU it stops the update
         self.defer_host_reads = torch.device(self.device).type != "cpu"
+        self._clampable: list[nn.Module] | None = None  # the learned scales, found once (not every step)
         self._first_nonfinite: dict[str, torch.Tensor] = {}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -215,7 +216,9 @@ class TrainingRun:
         distributed.average_gradients(params, self.world)
         t.optimizer.step()
         if name == "student" and self.ranges == "learned":
-            clamp_scales(self.student)
+            if self._clampable is None:
+                self._clampable = clampable_scales(self.student)
+            clamp_scales(self.student, self._clampable)
 
     def _note_nonfinite(self, name: str, loss: torch.Tensor) -> None:
         """Record on the device the first step whose ``name`` loss is NaN or infinite (no host sync)."""

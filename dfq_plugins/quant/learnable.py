@@ -126,7 +126,8 @@ def clamp_scales(student: nn.Module, modules: list[nn.Module] | None = None) -> 
     pushed to -0.018 by a fixed Adam step, and the converted model 7 logits away).
     """
     for m in clampable_scales(student) if modules is None else modules:  # a block's own: no walk of the model
-        m.scale.clamp_(min=float(m.eps))
+        eps = m.eps
+        m.scale.clamp_(min=eps if torch.is_tensor(eps) else float(eps))  # a tensor bound: no host read
 
 
 def observer_is_on(module: Any) -> bool:
@@ -138,5 +139,5 @@ def observer_is_on(module: Any) -> bool:
     return isinstance(flag, torch.Tensor) and hasattr(module, "disable_observer") and bool(flag.any())
 
 
-__all__ = ["clamp_scales", "learned_range_parameters", "make_ranges_learnable", "observer_is_on",
+__all__ = ["clamp_scales", "clampable_scales", "learned_range_parameters", "make_ranges_learnable", "observer_is_on",
            "range_param_groups"]
