@@ -311,6 +311,9 @@ def distill_workdir(teacher: Teacher, distiller: Any, toolchain: Any, scheme: Qu
               "student": None if student is None else student_structure(student)}
     if after:
         fields["after"] = list(after)
+    start = toolchain.student_ranges(scheme) if hasattr(toolchain, "student_ranges") else "observer"
+    if start != "observer":  # the student starts elsewhere than where runs cached before this option did
+        fields["student_ranges"] = start
     key = short_hash(fields)
     return cache_root() / "distill" / f"{distiller.name}-{key}", key
 

@@ -37,6 +37,12 @@ class Toolchain:
         """
         return (scheme.for_training() if trainable else scheme).resolved()
 
+    def student_ranges(self, scheme: QuantScheme) -> str:
+        """How a trainable student's activation ranges start: ``"observer"`` (its own training
+        observers over the calibration set) or another search this toolchain runs after them
+        (``"histogram"``); distillation caches and bench records key on it."""
+        return "observer"
+
     def bias_correction_layers(self, prepared: Any) -> list[Any] | None:
         """The prepared model's weighted layers for bias correction (``quant/biascorrect.py``);
         None where this toolchain has no such hook (its scheme then refuses ``-bc``)."""

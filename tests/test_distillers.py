@@ -338,6 +338,8 @@ def test_bench_rows_record_calibrated_and_distilled_accuracy(resnet20, tmp_path)
     distilled = next(r for r in records if r["distill"] == "kd")
     assert distilled["distill_steps"] == 3 and distilled["distill_config"]["steps"] == 3
     assert "top1_calibrated" in distilled
+    assert distilled["student_ranges"] == "histogram"  # W4A4's ahist students start from the histogram search
+    assert "student_ranges" not in next(r for r in records if r["distill"] is None)
     assert "real+kd" in (tmp_path / "bench.md").read_text()
     chained = next(r for r in records if r["distill"] == "reconstruct+kd")
     assert [s.get("ranges_kept", False) for s in chained["distill_stages"]] == [False, True]

@@ -871,3 +871,37 @@ def test_reconstruct_refuses_images_unlike_the_training_data():
     forced.distill(teacher, chain.quantize(model, QuantScheme.parse("w4a4"), noise, trainable=True), noise,
                    toolchain=chain, progress=False)
     assert "refused" not in forced.last_run.extra
+
+
+@pytest.mark.parametrize("name", GRAPH_TOOLCHAINS)
+def test_a_trainable_student_starts_from_the_schemes_histogram_ranges(name):
+    """A QAT student observes activations with moving-average MinMax (a histogram search per training
+    step would dominate it); where the scheme says ``ahist`` its starting ranges must still be the
+    histogram search's, as post-training's are: EfficientNet-Lite0 W4A4 started reconstruct at 5% with
+    MinMax ranges, where post-training calibration scored 59.4."""
+    from dfq_torch_ao.studentranges import _activation_fake_quants
+
+    from dfq_plugins.api import distill_workdir
+
+    model, chain, cs = make_trained_tiny(), make_toolchain(name), calibration_set()
+    scheme = QuantScheme.parse("w4a4")
+    assert chain.student_ranges(scheme) == "histogram" and chain.student_ranges(QuantScheme.parse("w4a8")) == "observer"
+    ptq = chain.calibrate(chain.prepare(model, chain.resolve_scheme(scheme, True), (cs[0],)), cs)
+    wanted = sorted(float(m.calculate_qparams()[0]) for m in ptq.modules() if type(m).__name__ == "BitwidthHistogramObserver")
+    student = chain.quantize(model, scheme, cs, trainable=True)
+    fqs = _activation_fake_quants(student)
+    got = sorted(float(fq.calculate_qparams()[0]) for fq in fqs)
+    assert len(got) == len(wanted) >= 3
+    assert got == pytest.approx(wanted, rel=1e-3)
+    assert all(float(fq.scale) == pytest.approx(float(fq.calculate_qparams()[0]), rel=1e-6) for fq in fqs)
+    # MinMax of the same FP activations is wider somewhere: the histogram search clipped it
+    minmax = sorted(float(m.calculate_qparams()[0]) for m in chain.calibrate(chain.prepare(
+        model, chain.resolve_scheme(QuantScheme.parse("w4a4-aminmax"), True), (cs[0],)), cs).modules()
+        if type(m).__name__ == "MinMaxObserver")
+    assert any(w < m * 0.99 for w, m in zip(wanted, minmax))
+    # a run cached before the student started from these ranges is not resumed for this one
+    teacher = Teacher(model, TINY_SPEC)
+    kd = make_distiller("kd", steps=2)
+    key_hist = distill_workdir(teacher, kd, chain, scheme, cs, 0)[1]
+    key_minmax = distill_workdir(teacher, kd, chain, QuantScheme.parse("w4a4-aminmax"), cs, 0)[1]
+    assert key_hist != key_minmax

@@ -88,7 +88,8 @@ def peak_rss_mb() -> float:
 def _run_key(rec: dict[str, Any]) -> str:
     return short_hash({k: rec.get(k) for k in ("model", "testset", "toolchain", "scheme", "source", "distill",
                                                "images", "seed", "source_config", "toolchain_config")}
-                      | ({"distill_config": rec["distill_config"]} if rec.get("distill") else {}))
+                      | ({"distill_config": rec["distill_config"]} if rec.get("distill") else {})
+                      | ({"student_ranges": rec["student_ranges"]} if rec.get("student_ranges") else {}))
 
 
 def load_records(path: Path | None) -> list[dict[str, Any]]:
@@ -188,6 +189,9 @@ def run_bench(plan: BenchPlan, json_path: Path | None = None,
                                plan.toolchain_configs.get(tname, {})}
                         if distill is not None:
                             rec["distill_config"] = chain_config(distillers[distill])
+                            start = chains[tname].student_ranges(scheme)
+                            if start != "observer":  # absent from earlier records: their keys stay valid
+                                rec["student_ranges"] = start
                         if _run_key(rec) not in done:
                             pending.append((tname, scheme, distill, rec))
             plot_path = (json_path.with_name(f"{json_path.stem}-difficulty-{source}-seed{seed}.png")

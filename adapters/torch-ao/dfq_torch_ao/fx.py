@@ -24,6 +24,7 @@ from dfq_plugins.toolchain import (
 )
 
 from .observers import activation_observer, weight_observer
+from .studentranges import calibrate_activations_by_histogram, histogram_ranges_wanted
 
 TRACEABLE_ELSEWHERE = "torchao-pt2e (torch.export) and nncf"
 
@@ -119,12 +120,15 @@ class FxToolchain(Toolchain):
             if override is not None:
                 bits += [override.weight_bits, override.act_bits]
         prepared._dfq_narrow_bits = min(bits) < 8
+        prepared._dfq_student_act_histogram = trainable and scheme.act_observer == "histogram"
         return prepared
 
     def calibrate(self, prepared: Any, calibration_set: CalibrationSet) -> Any:
         was_training = prepared.training
         prepared.eval()
         run_calibration(prepared, calibration_set)
+        if histogram_ranges_wanted(prepared):
+            calibrate_activations_by_histogram(prepared, calibration_set, "fx")
         if self.input_range == "spec":
             pin_input_observers(prepared, *input_bounds_of(calibration_set))
         prepared.train(was_training)
@@ -135,6 +139,10 @@ class FxToolchain(Toolchain):
 
     def student_bias_correction_layers(self, student: Any) -> list[Any]:
         return fx_qat_layers(student)
+
+    def student_ranges(self, scheme: QuantScheme) -> str:
+        """A histogram-observed scheme's student starts from the histogram search (``studentranges``)."""
+        return "histogram" if self.resolve_scheme(scheme, True).act_observer == "histogram" else "observer"
 
     def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
         """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""

@@ -29,6 +29,7 @@ from dfq_plugins.toolchain import (
 )
 
 from .observers import activation_observer, weight_observer
+from .studentranges import calibrate_activations_by_histogram, histogram_ranges_wanted
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CPU: skip noisy CUDA .so probing
 
@@ -216,6 +217,7 @@ class PT2EToolchain(Toolchain):
             prepared = prepare_qat_pt2e(gm, quantizer) if trainable else prepare_pt2e(gm, quantizer)
         report_unannotated(prepared)
         prepared._dfq_protocol = apply_protocol(prepared, scheme.protocol, scheme.act_range(8))
+        prepared._dfq_student_act_histogram = trainable and scheme.act_observer == "histogram"
         if trainable:
             for p in prepared.parameters():
                 if p.is_floating_point():
@@ -227,6 +229,8 @@ class PT2EToolchain(Toolchain):
 
         move_exported_model_to_eval(prepared)
         run_calibration(prepared, calibration_set)
+        if histogram_ranges_wanted(prepared):
+            calibrate_activations_by_histogram(prepared, calibration_set, "pt2e")
         if self.input_range == "spec":
             pin_input_observers(prepared, *input_bounds_of(calibration_set))
         return prepared
@@ -249,6 +253,11 @@ class PT2EToolchain(Toolchain):
 
     def student_bias_correction_layers(self, student: Any) -> list[Any]:
         return pt2e_layers(student)
+
+    def student_ranges(self, scheme: QuantScheme) -> str:
+        """A histogram-observed scheme's student starts from the histogram search (``studentranges``)."""
+        act = self.observer if self.observer is not None else self.resolve_scheme(scheme, True).act_observer
+        return "histogram" if act == "histogram" else "observer"
 
     def make_ranges_learnable(self, student: Any) -> list[nn.Parameter]:
         """Swap the calibrated fake-quants for the toolchain's learnable ones (LSQ), weights and activations."""
