@@ -19,6 +19,25 @@ def test_resnet20_checkpoint_reproduces_its_accuracy(resnet20):
     assert pool.images.shape[1:] == (3, 32, 32) and len(pool) == 10000 - 932
 
 
+def test_evaluation_batches_are_sized_by_the_image_and_score_the_same():
+    """250 images of 260x260 per batch cost EfficientNet-Lite2's evaluation 1.8 GB; the default keeps a
+    batch near 4M input elements (250 CIFAR images) and the score does not depend on it."""
+    seen: list[int] = []
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+
+    labels = torch.tensor([0, 1] * 20)
+    big = torch.randn(40, 3, 260, 260) + (0.5 - labels.float()).view(-1, 1, 1, 1) * 0.01
+    assert evaluate(Mean(), big, labels) == evaluate(Mean(), big, labels, batch_size=250)
+    assert max(seen[:-1]) == 4_000_000 // (3 * 260 * 260) == 19
+    seen.clear()
+    evaluate(Mean(), torch.randn(600, 3, 32, 32), torch.zeros(600, dtype=torch.long))
+    assert seen == [250, 250, 100]
+
+
 @pytest.mark.compat
 def test_real_data_beats_noise_at_w4a4_through_fx(resnet20):
     """The harness must be able to see a difference: real calibration beats noise at 4 bits."""
