@@ -22,7 +22,8 @@ _WEIGHTED = ("conv1d", "conv2d", "conv3d", "linear")
 _INPUT_PATH = ("pad",)
 
 
-def _observer_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+def observer_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The observer or fake-quant module ``node`` calls (None for any other node)."""
     if node.op != "call_module":
         return None
     module = gm.get_submodule(str(node.target))
@@ -30,7 +31,8 @@ def _observer_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return module if hasattr(observer, "calculate_qparams") and hasattr(module, "quant_max") else None
 
 
-def _is_weight_observer(node: fx.Node) -> bool:
+def is_weight_observer(node: fx.Node) -> bool:
+    """Whether an observer node reads a weight (a ``get_attr``) rather than an activation."""
     return bool(node.args) and getattr(node.args[0], "op", None) == "get_attr"
 
 
@@ -49,7 +51,7 @@ def leave_input_unquantized(gm: fx.GraphModule) -> int:
     """Remove the observers that read a graph input (through pads and reshapes); returns how many."""
     removed = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and _observer_of(gm, node) is not None and _reads_input(gm, node):
+        if node.op == "call_module" and observer_of(gm, node) is not None and _reads_input(gm, node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(str(node.target))
@@ -98,8 +100,8 @@ def widen_last_layer_input(gm: fx.GraphModule, act_range: tuple[int, int]) -> in
     widened = 0
     node = weighted[-1].args[0] if weighted[-1].args else None
     while isinstance(node, fx.Node):
-        if _observer_of(gm, node) is not None and not _is_weight_observer(node):
-            _set_bits(_observer_of(gm, node), *act_range)
+        if observer_of(gm, node) is not None and not is_weight_observer(node):
+            _set_bits(observer_of(gm, node), *act_range)
             widened += 1
             node = node.args[0] if node.args else None
         elif _is_passthrough(gm, node):
@@ -126,11 +128,12 @@ def input_is_quantized(gm: fx.GraphModule) -> bool:
     """Whether any quantize op or observer reads a graph input, directly or through pads and
     reshapes (converted or prepared graphs)."""
     for node in gm.graph.nodes:
-        observed = node.op == "call_module" and _observer_of(gm, node) is not None
+        observed = node.op == "call_module" and observer_of(gm, node) is not None
         quantized = node.op == "call_function" and "quantize_per" in str(node.target)
         if (observed or quantized) and _reads_input(gm, node):
             return True
     return False
 
 
-__all__ = ["apply_protocol", "input_is_quantized", "leave_input_unquantized", "widen_last_layer_input"]
+__all__ = ["apply_protocol", "input_is_quantized", "is_weight_observer", "leave_input_unquantized", "observer_of",
+           "widen_last_layer_input"]

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from dfq_plugins.data import CalibrationSet
-from dfq_plugins.quant.protocols import _is_weight_observer, _observer_of
+from dfq_plugins.quant.protocols import is_weight_observer, observer_of
 from dfq_plugins.toolchain import run_calibration
 
 from .observers import histogram_observer_class
@@ -27,8 +27,8 @@ from .observers import histogram_observer_class
 def _activation_fake_quants(student: fx.GraphModule) -> list[nn.Module]:
     seen: dict[int, nn.Module] = {}
     for node in student.graph.nodes:
-        fq = _observer_of(student, node)
-        if fq is None or _is_weight_observer(node) or not hasattr(fq, "fake_quant_enabled"):
+        fq = observer_of(student, node)
+        if fq is None or is_weight_observer(node) or not hasattr(fq, "fake_quant_enabled"):
             continue
         if int(fq.fake_quant_enabled[0]) and fq.qscheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             seen.setdefault(id(fq), fq)
