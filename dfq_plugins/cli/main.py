@@ -8,10 +8,14 @@ import sys
 import warnings
 from typing import Any
 
-from .. import distributed
-from ..errors import DFQError
-from . import bench, cache, deploy, dynamic, quantize, scale
-from .common import DISTRIBUTED_COMMANDS
+# as the PT2E adapter does on import: `dfq run` can load torchao (through a .pt2's ops) before it, and
+# torchao's probing of its CUDA kernels then prints a "Failed to load" line for every run on a CPU machine
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+from .. import distributed  # noqa: E402
+from ..errors import DFQError  # noqa: E402
+from . import bench, cache, deploy, dynamic, quantize, scale  # noqa: E402
+from .common import DISTRIBUTED_COMMANDS  # noqa: E402
 
 # registration order is the order `dfq --help` lists the subcommands in
 SUBCOMMAND_MODULES = (cache, quantize, bench, dynamic, deploy, scale)
