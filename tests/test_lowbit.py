@@ -905,3 +905,31 @@ def test_a_trainable_student_starts_from_the_schemes_histogram_ranges(name):
     key_hist = distill_workdir(teacher, kd, chain, scheme, cs, 0)[1]
     key_minmax = distill_workdir(teacher, kd, chain, QuantScheme.parse("w4a4-aminmax"), cs, 0)[1]
     assert key_hist != key_minmax
+
+
+def test_ctrl_c_during_the_histogram_start_leaves_the_student_as_calibrated(monkeypatch):
+    """Ctrl-C in the FP pass that sets a student's ranges must not leave its quantizers switched off
+    or hooks attached: the student a user keeps (or a caller catches the interrupt around) is still
+    the MinMax-calibrated one, not a silently full-precision network."""
+    import dfq_torch_ao.studentranges as studentranges
+
+    model, chain, cs = make_trained_tiny(), make_toolchain("torchao-pt2e"), calibration_set()
+    scheme = chain.resolve_scheme(QuantScheme.parse("w4a4-aminmax"), True)
+    student = chain.calibrate(chain.prepare(model, scheme, (cs[0],), trainable=True), cs)
+    switches = [m for m in student.modules() if hasattr(m, "fake_quant_enabled") and hasattr(m, "observer_enabled")]
+    before = [(int(m.fake_quant_enabled[0]), int(m.observer_enabled[0])) for m in switches]
+    scales = [m.scale.clone() for m in switches]
+    x = cs[0]
+
+    def interrupted(net, calibration_set):
+        net(x)  # one batch reaches the histogram observers, then the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studentranges, "run_calibration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        studentranges.calibrate_activations_by_histogram(student, cs, "pt2e")
+    assert [(int(m.fake_quant_enabled[0]), int(m.observer_enabled[0])) for m in switches] == before
+    assert all(not m._forward_pre_hooks for m in switches)
+    assert all(torch.equal(s, m.scale) for s, m in zip(scales, switches))
+    with torch.no_grad():  # the quantizers are live again: 4-bit output, not the FP network's
+        assert not torch.allclose(student(x), model(x), atol=1e-3)
