@@ -74,6 +74,7 @@ def test_export_then_run_and_load_each_in_a_new_process(user, toolchain, scheme,
     assert "sha256 verified" in checked.stdout
     assert "Failed to load" not in checked.stdout + checked.stderr  # torchao's CUDA-kernel probing, on a CPU
     assert "Enum subclass" not in checked.stdout + checked.stderr  # torch's notice about torchao's own code
+    assert "Skipping import" not in checked.stdout + checked.stderr  # torchao's, about the setting dfq made
     assert "loaded" in run([sys.executable, "-c", LOAD_IN_PYTHON, artefact], env, cwd).stdout
 
 

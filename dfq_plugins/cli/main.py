@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -13,16 +12,9 @@ from typing import Any
 # torchao's probing of its CUDA kernels then prints a "Failed to load" line for every run on a CPU machine
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
+from ..logfilters import quiet_third_party_notices  # noqa: E402
 
-class _TorchaoEnumNotice(logging.Filter):
-    """Drops torch's notice that torchao registers an Enum as a pytree constant: one line per command,
-    about torchao's code, that a user of ``dfq`` can do nothing about. Only this one message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "is an Enum subclass and is now natively supported" not in record.getMessage()
-
-
-logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
+quiet_third_party_notices()  # before anything imports torchao
 
 from .. import distributed  # noqa: E402
 from ..errors import DFQError  # noqa: E402

@@ -14,6 +14,7 @@ from torch import nn
 from dfq_plugins.data import CalibrationSet
 from dfq_plugins.errors import UntraceableModelError
 from dfq_plugins.export_shapes import batch_dynamic_shapes
+from dfq_plugins.logfilters import quiet_third_party_notices
 from dfq_plugins.quant.biascorrect import pt2e_layers
 from dfq_plugins.quant.learnable import make_ranges_learnable
 from dfq_plugins.quant.protocols import apply_protocol
@@ -32,6 +33,7 @@ from .observers import activation_observer, weight_observer
 from .studentranges import calibrate_activations_by_histogram, histogram_ranges_wanted
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # CPU: skip noisy CUDA .so probing
+quiet_third_party_notices()  # and torchao's line saying it skipped them
 
 
 def _config(scheme: QuantScheme, wbits: int, abits: int, trainable: bool, reduce_range: bool = False):
