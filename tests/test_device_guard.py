@@ -123,6 +123,47 @@ def test_every_distiller_trains_on_a_second_device(toolchain, distill):
     assert out.device == guard.device and torch.isfinite(out.cpu()).all() and ran_there > 1000
 
 
+def _speed_rows(device: str) -> list[dict]:
+    from dfq_plugins.api import make_distiller
+    from dfq_plugins.bench.distill_speed import measure_distiller_speed
+    from dfq_plugins.teacher import Teacher
+
+    chain = make_toolchain("torch-ao-fx")
+    calib = dfq.synthesize(make_trained_tiny(), "noise", input_spec=TINY_SPEC, num_samples=16, batch_size=8, progress=False,
+                           cache=False)
+    rows = []
+    for name in ("kd", "gdfq"):
+        model = make_trained_tiny()
+        student = dfq.quantize(model, source=calib, input_spec=TINY_SPEC, scheme="w4a4", trainable=True,
+                               device=device, progress=False, cache=False)
+        d = make_distiller({"name": name, "batch_size": 8, **({"warmup_steps": 1} if name == "gdfq" else {})})
+        rows.append(measure_distiller_speed(Teacher(model.to(device), TINY_SPEC), d, student, chain, calib,
+                                            steps=2, repeats=1))
+    return rows
+
+
+def test_speed_times_synthesis_and_distiller_steps_on_a_second_device():
+    """`dfq speed [--distill] --device`: the floors' images and the timed work stay on the device."""
+    from dfq_plugins.api import make_synthesizer
+    from dfq_plugins.bench.speed import measure_speed
+    from dfq_plugins.teacher import Teacher
+
+    with FakeDevice() as guard:
+        rows = _speed_rows(str(guard.device))
+        synthesis = measure_speed(Teacher(make_trained_tiny().to(guard.device), TINY_SPEC), make_synthesizer("zeroq"),
+                                  batch=4, iterations=2, repeats=1)
+        ran_there = guard.ops_on_device
+    assert [r["device"] for r in rows] == [str(guard.device)] * 2 and ran_there > 1000
+    assert synthesis["images_x_iterations_per_s"] > 0
+
+
+@cuda
+@pytest.mark.cuda
+def test_distiller_speed_on_cuda():
+    rows = _speed_rows("cuda")
+    assert all(r["device"].startswith("cuda") and r["ratio_to_floor"] > 0 for r in rows)
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("name, options", SOURCES, ids=[s for s, _ in SOURCES])

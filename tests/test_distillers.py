@@ -367,3 +367,37 @@ def test_measuring_a_student_leaves_its_ranges_alone(trained, toolchain):
     with torch.no_grad():
         student(far * 4)
     assert any(not torch.equal(before[k], v) for k, v in ranges().items())
+
+
+def test_distiller_speed_times_the_steady_step_against_its_floor(trained):
+    """`dfq speed --distill`: a step against the passes it cannot avoid at its batch (issue 23). The
+    generator's part is in the floor only where there is a generator, and timing the floor (observers
+    off) leaves an observing student observing."""
+    from dfq_plugins.bench.distill_speed import floor_seconds, measure_distiller_speed, steady_run, step_seconds
+
+    teacher, chain, cs = Teacher(trained, TINY_SPEC), make_toolchain("torch-ao-fx"), calibration_set()
+    rows = {}
+    for name in ("kd", "gdfq"):
+        d = make_distiller({"name": name, "batch_size": 8, "warmup_steps": 1, "observer_steps": 1}
+                           if name == "gdfq" else {"name": name, "batch_size": 8})
+        rows[name] = measure_distiller_speed(teacher, d, student_for(trained)[1], chain, cs, steps=2, repeats=1)
+    for row in rows.values():
+        parts = row["teacher_forward_s"] + row.get("generator_forward_backward_s", 0) + row["student_forward_backward_s"]
+        assert row["floor_s"] == pytest.approx(parts, rel=1e-3) and row["step_s"] > 0
+        assert row["ratio_to_floor"] == pytest.approx(row["step_s"] / row["floor_s"], rel=1e-2)
+    assert "generator_forward_backward_s" not in rows["kd"] and rows["gdfq"]["generator_forward_backward_s"] > 0
+    assert rows["gdfq"]["ranges"] == "observe" and rows["kd"]["batch"] == 8
+
+    student = student_for(trained)[1]
+    run = steady_run(teacher, make_distiller({"name": "gdfq", "batch_size": 8, "warmup_steps": 0,
+                                              "observer_steps": 0}), student, chain, cs)
+    step_seconds(run, 1)
+
+    def observing() -> set[int]:
+        return {int(m.observer_enabled[0]) for m in student.modules() if hasattr(m, "observer_enabled")}
+
+    assert observing() == {1}
+    floor_seconds(run, 1)
+    assert observing() == {1}
+    with pytest.raises(ValueError, match="block by block"):
+        steady_run(teacher, make_distiller("reconstruct"), student_for(trained)[1], chain, cs)

@@ -146,6 +146,25 @@ def test_speed_reports_throughput_against_the_floor(resnet20, tmp_path, capsys):
     assert "ratio" in capsys.readouterr().out
 
 
+def test_speed_times_a_distillers_step_against_its_floor(resnet20, tmp_path, capsys):
+    """`dfq speed --distill`: the steady-state step of each distiller and its floor, in JSON and Markdown;
+    diffdfq gets a set with diffusion levels without the user making one."""
+    out = tmp_path / "distill-speed.json"
+    assert main(["speed", "--distill", "kd,diffdfq", "--toolchain", "torchao-pt2e", "--scheme", "w4a4", "--steps", "1",
+                 "--repeats", "1", "--distill-set", "kd.batch_size=8", "--distill-set", "diffdfq.batch_size=8",
+                 "--quiet", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["distill_speed"]
+    assert [r["method"] for r in rows] == ["kd", "diffdfq"] and {r["batch"] for r in rows} == {8}
+    assert all(r["scheme"].startswith("w4a4") and r["toolchain"] == "torchao-pt2e" and r["ratio_to_floor"] > 0 for r in rows)
+    assert "| diffdfq |" in out.with_suffix(".md").read_text()
+    assert "ms per step of 8" in capsys.readouterr().out
+    assert main(["speed", "--distill", "reconstruct", "--steps", "1", "--quiet"]) == 2
+    assert "block by block" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["speed", "--distill", "kd", "--steps", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
 def test_model_recipes_fill_in_source_defaults():
     from dfq_plugins.cli import build_parser
     from dfq_plugins.cli.common import settings as _settings

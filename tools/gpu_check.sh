@@ -46,4 +46,10 @@ timeout 200 $PY -m dfq_plugins.cli bench --device "$DEVICE" --model cifar10-resn
     --toolchain torch-ao-fx,torchao-pt2e --scheme w4a4 --source zeroq,noise --images "${IMAGES:-256}" --seeds 0 \
     --json "$OUT/resnet20-w4a4.json" --md "$OUT/resnet20-w4a4.md" > "$OUT/bench.log" 2>&1
 tail -8 "$OUT/bench.log"
+# 3. speed against the floor on the device: zeroq at the device-sized batch, then every loop distiller's step
+timeout 90 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --source zeroq --batch 256 \
+    --iterations 50 --json "$OUT/speed-zeroq.json" > "$OUT/speed.log" 2>&1
+timeout 150 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --distill kd,gdfq,adadfq,causal,diffdfq \
+    --toolchain torch-ao-fx --scheme w4a4 --steps "${STEPS:-20}" --quiet --json "$OUT/speed-distill.json" >> "$OUT/speed.log" 2>&1
+tail -8 "$OUT/speed.log"
 echo "results in $OUT"

@@ -63,6 +63,19 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def distill_speed_table(rows: list[dict[str, Any]]) -> str:
+    """One line per distiller: its steady-state step, the floor's parts and the ratio."""
+    lines = ["| model | toolchain | scheme | distiller | device | batch | ranges | step ms | floor ms (teacher fwd + "
+             "generator fwd/bwd + student fwd/bwd) | ratio to floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parts = [r["teacher_forward_s"], r.get("generator_forward_backward_s"), r["student_forward_backward_s"]]
+        shown = " + ".join("-" if p is None else f"{p * 1000:.1f}" for p in parts)
+        lines.append(f"| {r['model']} | {r['toolchain']} | {r['scheme']} | {r['method']} | {r['device']} | {r['batch']} | "
+                     f"{r['ranges']} | {r['step_s'] * 1000:.1f} | {r['floor_s'] * 1000:.1f} ({shown}) | "
+                     f"{r['ratio_to_floor']} |")
+    return "\n".join(lines)
+
+
 def distill_table(records: list[dict[str, Any]]) -> str:
     """Fine-tuned rows: calibration-only and distilled top-1, steps and training time."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)

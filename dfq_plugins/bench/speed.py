@@ -9,19 +9,22 @@ import torch
 
 from ..progress import progress_bar
 from ..teacher import Teacher
+from .distill_speed import synchronize
 
 
 def floor_rate(teacher: Teacher, batch: int, iterations: int, channels_last: bool = False) -> float:
     """Images x iterations per second of forward + backward to the input, nothing else."""
-    x = torch.randn(batch, *teacher.spec.shape)
+    x = torch.randn(batch, *teacher.spec.shape).to(teacher.device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     teacher(x).sum().backward()  # warm-up
+    synchronize(teacher.device)
     start = time.perf_counter()
     for _ in range(iterations):
         x.grad = None
         teacher(x).sum().backward()
+    synchronize(teacher.device)
     return batch * iterations / (time.perf_counter() - start)
 
 
@@ -31,8 +34,10 @@ def synth_rate(teacher: Teacher, synth: Any, batch: int, iterations: int) -> flo
     synth.synthesis_batch_size = batch
     bar = progress_bar(total=iterations, enabled=False)
     with synth.session(teacher, 0):
+        synchronize(teacher.device)
         start = time.perf_counter()
         synth.optimize_batch(teacher, batch, 0, 0, bar)
+        synchronize(teacher.device)
         return batch * iterations / (time.perf_counter() - start)
 
 

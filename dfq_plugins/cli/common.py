@@ -29,7 +29,7 @@ COMMAND_KEYS: dict[str, list[str]] = {
               "distill", "steps", "rows", "row_seeds", "device"],
     "dynamic": ["model", "toolchain", "bits", "source", "images", "seed", "batch_size", "distill", "steps", "features",
                 "targets", "escalate", "json", "test_limit", "copies", "selector_bits", "references"],
-    "speed": ["model", "source"],
+    "speed": ["model", "source", "device", "toolchain", "scheme", "distill"],
 }
 
 DEVICE_COMMANDS = {c for c, keys in COMMAND_KEYS.items() if "device" in keys}
