@@ -160,9 +160,10 @@ def test_speed_times_a_distillers_step_against_its_floor(resnet20, tmp_path, cap
     assert "ms per step of 8" in capsys.readouterr().out
     assert main(["speed", "--distill", "reconstruct", "--steps", "1", "--quiet"]) == 2
     assert "block by block" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["speed", "--distill", "kd", "--steps", "0"])
-    assert "must be at least 1" in capsys.readouterr().err
+    for flag in ("--steps", "--repeats", "--iterations"):
+        with pytest.raises(SystemExit):
+            main(["speed", "--distill", "kd", flag, "0"])
+        assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_model_recipes_fill_in_source_defaults():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import distributed, plugins
+from .. import distributed
 from ..recipes import split_list
 from .common import DEFAULTS, add_common_args, placed_model, settings, source_arg
 
@@ -155,9 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--toolchain", help=f"with --distill: the student's toolchain (default {DEFAULTS['toolchain']})")
     sp.add_argument("--scheme", help=f"with --distill: the student's scheme (default {DEFAULTS['scheme']})")
     sp.add_argument("--batch", type=int, help="synthesis batch (default 128)")
-    sp.add_argument("--iterations", type=int, default=20, help="synthesis iterations timed per repeat")
+    sp.add_argument("--iterations", type=_positive_int, default=20, help="synthesis iterations timed per repeat")
     sp.add_argument("--steps", type=_positive_int, default=10, help="with --distill: steps timed per repeat")
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--repeats", type=_positive_int, default=3)
     sp.add_argument("--quiet", action="store_true")
     sp.add_argument("--json", help="write the measurements here")
     sp.set_defaults(func=cmd_speed)
