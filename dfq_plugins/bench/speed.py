@@ -54,4 +54,5 @@ def measure_speed(teacher: Teacher, synth: Any, batch: int = 128, iterations: in
     floor, rate = statistics.median(floors), statistics.median(rates)
     return {"method": synth.name, "batch": batch, "iterations": iterations, "repeats": repeats,
             "images_x_iterations_per_s": round(rate, 1), "floor_images_x_iterations_per_s": round(floor, 1),
-            "ratio_to_floor": round(floor / rate, 3), "channels_last": layout, "threads": torch.get_num_threads()}
+            "ratio_to_floor": round(floor / rate, 3), "channels_last": layout,
+            "teacher_precision": getattr(synth, "teacher_precision", "fp32"), "threads": torch.get_num_threads()}

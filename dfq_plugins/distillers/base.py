@@ -18,7 +18,7 @@ from ..config import (
     check_declared,
 )
 from ..data import CalibrationSet
-from ..teacher import Teacher
+from ..teacher import TEACHER_PRECISIONS, Teacher
 from .loop import LR_SCHEDULES, RANGE_MODES, LossValue, TrainingRun
 
 OPTIMIZERS = ("sgd", "adam")
@@ -61,11 +61,12 @@ class Distiller:
     time_budget_s: float = 0.0  # stop early after this much wall time (0: steps only)
     checkpoint_every: int = 200
     bn_mode: str = "running"  # running: BN on its running statistics (GDFQ family); batch: BN in train mode
+    teacher_precision: str = "fp32"  # "bf16": the frozen teacher's forward under bfloat16 autocast (for GPUs)
 
     speed_only_fields: ClassVar[tuple[str, ...]] = ("checkpoint_every",)
     # options added after runs were cached and recorded, with the default that does what runs did before:
     # at that default they stay out of config_dict, so caches and `dfq bench --json` resumes stay valid
-    later_options: ClassVar[dict[str, Any]] = {}
+    later_options: ClassVar[dict[str, Any]] = {"teacher_precision": "fp32"}
     # valid ranges and choices of the options, checked when the distiller is built (before any work);
     # subclasses add theirs with ``extra_bounds``/``extra_choices``
     bounds: ClassVar[dict[str, Bound]] = {
@@ -76,7 +77,8 @@ class Distiller:
     choices: ClassVar[dict[str, tuple]] = {"optimizer": OPTIMIZERS, "ranges": tuple(RANGE_MODES),
                                            "lr_schedule": tuple(LR_SCHEDULES), "bn_mode": ("running", "batch"),
                                            "range_lr_mode": ("absolute", "relative"),
-                                           "inherited_ranges": ("keep", "retrain")}
+                                           "inherited_ranges": ("keep", "retrain"),
+                                           "teacher_precision": TEACHER_PRECISIONS}
     extra_bounds: ClassVar[dict[str, Bound]] = {}
     extra_choices: ClassVar[dict[str, tuple]] = {}
 
@@ -103,12 +105,15 @@ class Distiller:
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
 
     def config_dict(self) -> dict[str, Any]:
+        later: dict[str, Any] = {}  # every class's later options, so a subclass adding its own keeps the base's
+        for cls in reversed(type(self).__mro__):
+            later.update(vars(cls).get("later_options", {}))
         out = {}
         for f in fields(self):
             if f.name.startswith("_") or f.name in self.speed_only_fields:
                 continue
             v = getattr(self, f.name)
-            if f.name in self.later_options and v == self.later_options[f.name]:
+            if f.name in later and v == later[f.name]:
                 continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
@@ -140,8 +145,9 @@ class Distiller:
         with torch.random.fork_rng():  # generator initialisation, without touching the caller's RNG
             torch.manual_seed(seed)  # (everything per step draws from run.rng(step))
             self.setup(run)
-        run.resume()
-        run.run(self.train_step)
+        with teacher.precision(self.teacher_precision):
+            run.resume()
+            run.run(self.train_step)
         toolchain.student_eval(student)
         self.last_run = run
         return student

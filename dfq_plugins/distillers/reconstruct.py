@@ -114,6 +114,9 @@ class ReconstructDistiller(Distiller):
             raise ValueError("reconstruct learns the step sizes (ranges='learned'); it has no observer mode")
         if self.loss not in ("mse",):
             raise ValueError(f"loss={self.loss!r}; only 'mse' (block output error) is offered")
+        if self.teacher_precision != "fp32":
+            raise ValueError("reconstruct's targets come from the student's own graph with fake quantization off, "
+                             "not from the teacher, so teacher_precision does not apply; leave it at 'fp32'")
 
     def distill(self, teacher: Teacher, student: nn.Module, source: CalibrationSet | None, *, toolchain: Any,
                 seed: int = 0, progress: bool = True, workdir: Path | None = None, key: str = "") -> nn.Module:

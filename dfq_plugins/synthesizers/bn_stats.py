@@ -54,6 +54,7 @@ class BNStatsRecorder:
         self.stats: list[LayerStats] = []
 
     def _capture(self, inp: torch.Tensor) -> None:
+        inp = inp.float()  # statistics in float32 under a bf16 teacher (a no-op otherwise)
         if self.per_sample:
             var, mean = torch.var_mean(inp.flatten(2), dim=2, unbiased=False)
         else:

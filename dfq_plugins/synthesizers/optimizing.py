@@ -23,7 +23,7 @@ from .. import distributed
 from ..data import CalibrationSet
 from ..errors import MissingBatchNormError
 from ..progress import progress_bar
-from ..teacher import Teacher
+from ..teacher import TEACHER_PRECISIONS, Teacher
 from .augment import SynthesisAugment
 from .base import Synthesizer, batches_of, resumable_batches, seeded_generator
 from .bn_stats import (
@@ -55,7 +55,7 @@ class OptimizingSynthesizer(Synthesizer):
     omit_at_default: ClassVar[tuple[str, ...]] = (  # the knobs zeroq gained when the family loop was shared
         "min_lr", "early_stop_patience", "early_stop_delta", "bn_distance", "bn_per_sample", "bn_margin",
         "bn_weight", "crop_scale", "augment_prob", "qaware_toolchain", "qaware_scheme", "qaware_weight", "qaware_every",
-        "bn_scope")
+        "bn_scope", "teacher_precision")
     batches_independent: ClassVar[bool] = True  # False: a batch depends on earlier ones (IntraQ's memory)
     # optimisation
     iterations: int = 200
@@ -70,6 +70,7 @@ class OptimizingSynthesizer(Synthesizer):
     clip: bool = True
     synthesis_batch_size: int = 128
     channels_last: bool | None = None  # None: on for images of 64x64 and larger (1.33x on Lite0 at 224)
+    teacher_precision: str = "fp32"  # "bf16": the teacher's forward under bfloat16 autocast (for GPUs; changes the set)
     # BN statistics
     statistic: str = "std"
     bn_distance: str = "l2"
@@ -103,6 +104,9 @@ class OptimizingSynthesizer(Synthesizer):
             raise ValueError(f"{self.name} synthesis_batch_size must be at least 1")
         if self.qaware_every < 1:
             raise ValueError(f"{self.name} qaware_every must be at least 1")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"{self.name} teacher_precision={self.teacher_precision!r}; choose one of "
+                             f"{TEACHER_PRECISIONS}")
         if self.bn_scope not in BN_SCOPES:
             raise ValueError(f"{self.name} bn_scope={self.bn_scope!r}; choose one of {BN_SCOPES}")
         if self.bn_scope == "set":
@@ -280,15 +284,17 @@ class OptimizingSynthesizer(Synthesizer):
 
     @contextlib.contextmanager
     def teacher_layout(self, teacher: Teacher):
-        """Run the teacher channels-last (mkldnn's fast path for depthwise convs), then restore it."""
-        if not self.uses_channels_last(teacher.spec):
-            yield
-            return
-        teacher.model.to(memory_format=torch.channels_last)
-        try:
-            yield
-        finally:
-            teacher.model.to(memory_format=torch.contiguous_format)
+        """Run the teacher channels-last (mkldnn's fast path for depthwise convs) and at its precision,
+        then restore both; `dfq speed` times the floor inside this too."""
+        with teacher.precision(self.teacher_precision):
+            if not self.uses_channels_last(teacher.spec):
+                yield
+                return
+            teacher.model.to(memory_format=torch.channels_last)
+            try:
+                yield
+            finally:
+                teacher.model.to(memory_format=torch.contiguous_format)
 
     @contextlib.contextmanager
     def session(self, teacher: Teacher, seed: int):
