@@ -290,6 +290,37 @@ def test_causal_divergences_and_interventions(trained):
         make_distiller({"name": "causal", "interventions": 1})
 
 
+def _same_content_gap(c, run) -> float:
+    """Mean |x_k - x_k'| between neighbouring interventions of one content, over the mean image size."""
+    with torch.no_grad():
+        x, _ = c.intervened_images(run, 10_000)
+    xs = x.view(-1, c.interventions, *x.shape[1:])
+    return float((xs - xs.roll(1, dims=1)).abs().mean() / x.abs().mean())
+
+
+def test_causal_style_diversity_keeps_the_interventions_apart(trained):
+    causal = make_distiller({"name": "causal", "batch_size": 12, "interventions": 3})
+    same = torch.randn(4, 1, 3, 8, 8).expand(4, 3, 3, 8, 8).reshape(12, 3, 8, 8)
+    styles = torch.randn(12, 5)
+    assert float(causal.diversity_loss(same, styles)) > 1e4  # copies under different styles: the term is large
+    assert float(causal.diversity_loss(torch.randn(12, 3, 8, 8), styles)) < 2
+    # off by default and then absent from the config, so every cached causal run keeps its key
+    assert "style_diversity" not in causal.config_dict()
+    assert make_distiller({"name": "causal", "style_diversity": 1.0}).config_dict()["style_diversity"] == 1.0
+    with pytest.raises(ValueError, match="latent"):
+        make_distiller({"name": "causal", "style_diversity": 1.0, "intervention_space": "pixel"})
+    gaps = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        chain, student = student_for(trained)
+        c = make_distiller({"name": "causal", "batch_size": 12, "interventions": 3, "style_diversity": weight,
+                            "generator_lr": 0.01, "warmup_steps": 1, "observer_steps": 1,
+                            "checkpoint_every": 0}, steps=40)
+        c.distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None, toolchain=chain, progress=False)
+        gaps[weight] = _same_content_gap(c, c.last_run)
+    assert gaps[1.0] > 1.5 * gaps[0.0], gaps
+
+
 def test_diffdfq_level_only_moves_toward_clean_samples(trained):
     cs = calibration_set()
     cs.labels = torch.zeros(cs.num_samples, dtype=torch.long)

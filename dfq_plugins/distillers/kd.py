@@ -112,13 +112,16 @@ class KDDistiller(Distiller):
         return gen(z, y), y
 
     def gdfq_generator_step(self, run: TrainingRun, x: torch.Tensor, y: torch.Tensor,
-                            losses: dict[str, LossValue]) -> tuple[torch.Tensor, torch.Tensor]:
-        """GDFQ's generator update, CE(P(x), y) + bns_weight * BNS; returns detached (x, z_P)."""
+                            losses: dict[str, LossValue],
+                            extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GDFQ's generator update, CE(P(x), y) + bns_weight * BNS (+ ``extra``, a subclass's own
+        generator term, already weighted); returns detached (x, z_P)."""
         with self._recorder.record():
             z_p = run.teacher(x)
         g_ce = F.cross_entropy(z_p, y)
         g_bns = self._bns(self._recorder.stats, self._targets)
-        run.update("generator", g_ce + self.bns_weight * g_bns)
+        loss = g_ce + self.bns_weight * g_bns
+        run.update("generator", loss if extra is None else loss + extra)
         losses.update({"g_ce": g_ce.detach(), "g_bns": g_bns.detach()})
         return x.detach(), z_p.detach()
 
