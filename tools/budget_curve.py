@@ -61,6 +61,10 @@ def plot(points: dict[tuple[str, int], dict[int, dict]], out: Path, title: str) 
         steps = sorted(by_steps)
         ax.plot(steps, [by_steps[s]["top1"] for s in steps], "-o" if seed == 0 else "--s",
                 label=f"{row}, seed {seed}")
+    starts = sorted({(int(rec["seed"]), rec["top1_calibrated"]) for by_steps in points.values()
+                     for rec in by_steps.values() if rec.get("top1_calibrated") is not None})
+    for seed, top1 in starts:  # the student every loop started from: a loop under it made things worse
+        ax.axhline(top1, color="grey", linestyle=":", linewidth=1.0, label=f"calibrated start, seed {seed}: {top1:.2f}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("fine-tuning steps (batch 64), one run per budget")
     ax.set_ylabel("top-1 (%)")
