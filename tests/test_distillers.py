@@ -14,6 +14,7 @@ from dfq_plugins.api import make_distiller, make_toolchain
 from dfq_plugins.diffusion import DiffusionLevels
 from dfq_plugins.distillers.causal import divergence
 from dfq_plugins.distillers.loop import lr_factor
+from dfq_plugins.config import ConfigError
 from dfq_plugins.errors import CorruptArtifactError
 from dfq_plugins.losses import kd_loss
 from dfq_plugins.teacher import Teacher
@@ -309,6 +310,9 @@ def test_causal_style_diversity_keeps_the_interventions_apart(trained):
     assert make_distiller({"name": "causal", "style_diversity": 1.0}).config_dict()["style_diversity"] == 1.0
     with pytest.raises(ValueError, match="latent"):
         make_distiller({"name": "causal", "style_diversity": 1.0, "intervention_space": "pixel"})
+    for bad in (float("nan"), -1.0, "strong"):  # a careless value is refused before any training
+        with pytest.raises(ConfigError, match="style_diversity"):
+            make_distiller({"name": "causal", "style_diversity": bad})
     gaps = {}
     for weight in (0.0, 1.0):
         torch.manual_seed(0)

@@ -122,7 +122,7 @@ class CausalDFQDistiller(OnlineDistiller):
         losses: dict[str, LossValue] = {}
         x, y = self.intervened_images(run, step)
         extra = None
-        if self.style_diversity > 0 and self.intervention_space == "latent":
+        if self.style_diversity > 0:  # latent interventions only (__post_init__ refuses pixel ones)
             div = self.diversity_loss(x, self._styles)
             extra = self.style_diversity * div
             losses["g_div"] = div.detach()
