@@ -13,6 +13,7 @@ import difflib
 import functools
 import inspect
 import math
+import types
 import typing
 from typing import Any
 
@@ -73,6 +74,9 @@ def validate_options(factory: Any, config: dict[str, Any], what: str) -> dict[st
         if tp is Any:
             out[key] = value
             continue
+        if isinstance(value, bool) and _is_number_type(tp):
+            raise ConfigError(f"{what}: option {key!r} = {value!r}: a number is expected, not true/false "
+                              f"(declared {_type_name(tp)})")
         try:
             checked = _adapter(tp).validate_python(value)
             # a value that already meant this (1 for a float option) stays as given: it is part of cache keys
@@ -85,6 +89,12 @@ def validate_options(factory: Any, config: dict[str, Any], what: str) -> dict[st
         except Exception:  # noqa: BLE001 - a type pydantic cannot check: pass it on unchecked
             out[key] = value
     return out
+
+
+def _is_number_type(tp: Any) -> bool:
+    """int or float, or an optional/union of them without bool (pydantic would read True as 1)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return bool(args) and bool not in args and any(a in (int, float) for a in args)
 
 
 def _type_name(tp: Any) -> str:

@@ -45,6 +45,8 @@ def test_false_in_any_spelling_turns_an_option_off(text):
     ("[sources.zeroq]\niteratons = 5\n", "unknown option 'iteratons'; did you mean 'iterations'?"),
     ("[sources.zeroqq]\niterations = 5\n", "Did you mean 'zeroq'?"),
     ("[distillers.kd]\nlrr = 0.1\n", "unknown option 'lrr'; did you mean 'lr'?"),
+    ("[distillers.kd]\nlr = true\n", "option 'lr' = True: a number is expected, not true/false"),
+    ("[sources.zeroq]\niterations = false\n", "option 'iterations' = False: a number is expected"),
     ("[distillers]\nkd = 3\n", "[distillers] holds one table per name"),
     ("images = 0\n", "images = 0: must be at least 1"),
     ("images = 'many'\n", "images = 'many': Input should be a valid integer"),
