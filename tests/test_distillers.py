@@ -11,10 +11,10 @@ import torch
 import dfq_plugins
 from dfq_plugins import CalibrationSet, QuantScheme
 from dfq_plugins.api import make_distiller, make_toolchain
+from dfq_plugins.config import ConfigError
 from dfq_plugins.diffusion import DiffusionLevels
 from dfq_plugins.distillers.causal import divergence
 from dfq_plugins.distillers.loop import lr_factor
-from dfq_plugins.config import ConfigError
 from dfq_plugins.errors import CorruptArtifactError
 from dfq_plugins.losses import kd_loss
 from dfq_plugins.teacher import Teacher
