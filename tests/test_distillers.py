@@ -325,10 +325,10 @@ def test_causal_style_diversity_keeps_the_interventions_apart(trained):
     assert gaps[1.0] > 1.5 * gaps[0.0], gaps
 
 
-def test_online_loops_can_keep_the_calibrated_activation_ranges(trained):
-    """With no observer window the learned ranges start from the calibration and only train from there
-    (docs/claims.md: GDFQ 68.78 -> 82.62 on ResNet-56 W4A4); the default window re-sets them on the
-    generator's images. Fails if the observers run at step 0 of a loop that asked for no window."""
+def test_online_loops_keep_the_calibrated_activation_ranges_by_default(trained):
+    """By default the learned ranges start from the calibration and only train from there (docs/claims.md:
+    GDFQ 68.78 -> 82.62 on ResNet-56 W4A4); ``recalibrate`` with an observer window re-sets them on the
+    generator's images. Fails if the default resets the observers or runs them at step 0."""
     from dfq_plugins.toolchain import activation_fake_quants
 
     def act_scales(student):
@@ -341,7 +341,7 @@ def test_online_loops_can_keep_the_calibrated_activation_ranges(trained):
         calibrated = act_scales(student)
         options = {"name": "gdfq", "batch_size": 8, "warmup_steps": 1, "lr": 1e-9, "ranges": "learned",
                    "checkpoint_every": 0}
-        options.update({"recalibrate": False, "observer_steps": 0} if keep else {"observer_steps": 2})
+        options.update({} if keep else {"recalibrate": True, "observer_steps": 2})  # keeping them is the default
         make_distiller(options, steps=3).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None,
                                                  toolchain=chain, progress=False)
         after = act_scales(student)
@@ -349,6 +349,32 @@ def test_online_loops_can_keep_the_calibrated_activation_ranges(trained):
         moved[keep] = max(float(((after[n] - s).abs() / s).max()) for n, s in calibrated.items())
     assert moved[True] < 1e-4, moved  # Adam at lr 1e-9 cannot move a range: only a reset could
     assert moved[False] > 1e-2, moved  # the generator's images re-set them
+
+
+def test_online_loops_with_observed_ranges_start_from_the_calibrated_observers(trained):
+    """With ``ranges="observe"`` (the default) the observers go on from their calibrated statistics, so the
+    ranges move a little; ``recalibrate`` empties them first and the generator's images alone set them
+    (on this tiny model they then move 20 times as far). Fails if the default resets the observers."""
+    from dfq_plugins.toolchain import activation_fake_quants
+
+    def act_ranges(student):
+        return {n: (float(m.activation_post_process.min_val), float(m.activation_post_process.max_val))
+                for n, m in activation_fake_quants(student)}
+
+    moved = {}
+    for recalibrate in (False, True):
+        torch.manual_seed(0)
+        chain, student = student_for(trained)
+        calibrated = act_ranges(student)
+        options = {"name": "gdfq", "batch_size": 8, "warmup_steps": 1, "lr": 1e-9, "checkpoint_every": 0,
+                   **({"recalibrate": True} if recalibrate else {})}
+        make_distiller(options, steps=3).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None,
+                                                 toolchain=chain, progress=False)
+        after = act_ranges(student)
+        assert after.keys() == calibrated.keys() and after
+        moved[recalibrate] = max(max(abs(lo1 - lo0), abs(hi1 - hi0)) for (lo0, hi0), (lo1, hi1)
+                                 in zip(calibrated.values(), after.values()))
+    assert moved[True] > 5 * moved[False], moved
 
 
 def test_diffdfq_level_only_moves_toward_clean_samples(trained):

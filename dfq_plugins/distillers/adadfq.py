@@ -6,9 +6,10 @@ the normalised disagreement entropy h~ of softmax(d) inside [lambda_l, lambda_u]
 ``mean relu(lambda_l - h~) + mean relu(h~ - lambda_u)``; h~ = (h - min h) / (log C - min h)
 over the batch (the released code; ``batch_min_normalisation=False`` uses h / log C).
 Student loss on the detached x: ``-T^2 mean H(softmax((z_P - z_Q) / T))``, no CE or KD term,
-as in the released code. No student updates during ``warmup_steps``; with ``recalibrate`` the
-activation ranges are re-observed on the generator's images, and on the CPU budget they keep
-following it (``ranges="observe"``; the release freezes them after 4 of 400 epochs).
+as in the released code. No student updates during ``warmup_steps``. The release re-observes the
+activation ranges on the generator's images and freezes them after 4 of 400 epochs; here the
+calibrated ranges are kept and the observers keep following the generator (``ranges="observe"``),
+``recalibrate=True, observer_steps=N`` re-observes them as the release does.
 
 Differences from the release: any batch size (its margin loss hard-codes 16); the student is
 whatever the toolchain builds (not the papers' Protocol-A quantizer); steps, LR and schedule

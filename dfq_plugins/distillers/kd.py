@@ -145,15 +145,19 @@ class KDDistiller(Distiller):
 class OnlineDistiller(KDDistiller):
     """Shared by the distillers that bring their own generator (AdaDFQ, Causal-DFQ).
 
-    The activation observers are reset so the generator's images set the ranges, and on a short
-    budget they keep following it (``ranges="observe"``; frozen ranges cost 15 points in probes).
+    The student starts from the activation ranges its toolchain calibrated on the source set and
+    keeps them (no reset, no observer window); on a short budget the observers then keep following
+    the generator (``ranges="observe"``; frozen ranges cost 15 points in probes). Resetting them to
+    the generator's images (``recalibrate=True, observer_steps=100``, AdaDFQ's code and our default
+    until 2026-12-07) threw away a histogram-calibrated start: 6 to 14 points on ResNet-20/56 W4A4
+    (docs/claims.md, "The online loops lose their start").
     """
 
     online: bool = True
     warmup_steps: int = 100
-    observer_steps: int = 100
+    observer_steps: int = 0
     ranges: str = "observe"
-    recalibrate: bool = True
+    recalibrate: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
