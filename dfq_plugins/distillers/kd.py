@@ -149,8 +149,8 @@ class OnlineDistiller(KDDistiller):
     keeps them (no reset, no observer window); on a short budget the observers then keep following
     the generator (``ranges="observe"``; frozen ranges cost 15 points in probes). Resetting them to
     the generator's images (``recalibrate=True, observer_steps=100``, AdaDFQ's code and our default
-    until 2026-12-07) threw away a histogram-calibrated start: 6 to 14 points on ResNet-20/56 W4A4
-    (docs/claims.md, "The online loops lose their start").
+    until 2026-12-07) threw away a histogram-calibrated start: 1.5 to 14 points on ResNet-20/56 W4A4
+    PT2E, level on FX (docs/claims.md, "The online loops lost their start").
     """
 
     online: bool = True
