@@ -325,6 +325,13 @@ def test_causal_style_diversity_keeps_the_interventions_apart(trained):
     assert gaps[1.0] > 1.5 * gaps[0.0], gaps
 
 
+def _three_still_gdfq_steps(chain, student, **options) -> None:
+    """Three gdfq steps at lr 1e-9: the weights cannot move, so only the range handling changes a range."""
+    config = {"name": "gdfq", "batch_size": 8, "warmup_steps": 1, "lr": 1e-9, "checkpoint_every": 0, **options}
+    make_distiller(config, steps=3).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None,
+                                            toolchain=chain, progress=False)
+
+
 def test_online_loops_keep_the_calibrated_activation_ranges_by_default(trained):
     """By default the learned ranges start from the calibration and only train from there (docs/claims.md:
     GDFQ 68.78 -> 82.62 on ResNet-56 W4A4); ``recalibrate`` with an observer window re-sets them on the
@@ -339,11 +346,9 @@ def test_online_loops_keep_the_calibrated_activation_ranges_by_default(trained):
         torch.manual_seed(0)
         chain, student = student_for(trained, "torchao-pt2e")
         calibrated = act_scales(student)
-        options = {"name": "gdfq", "batch_size": 8, "warmup_steps": 1, "lr": 1e-9, "ranges": "learned",
-                   "checkpoint_every": 0}
-        options.update({} if keep else {"recalibrate": True, "observer_steps": 2})  # keeping them is the default
-        make_distiller(options, steps=3).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None,
-                                                 toolchain=chain, progress=False)
+        # keeping them is the default
+        _three_still_gdfq_steps(chain, student, ranges="learned",
+                                **({} if keep else {"recalibrate": True, "observer_steps": 2}))
         after = act_scales(student)
         assert after.keys() == calibrated.keys() and after
         moved[keep] = max(float(((after[n] - s).abs() / s).max()) for n, s in calibrated.items())
@@ -366,10 +371,7 @@ def test_online_loops_with_observed_ranges_start_from_the_calibrated_observers(t
         torch.manual_seed(0)
         chain, student = student_for(trained)
         calibrated = act_ranges(student)
-        options = {"name": "gdfq", "batch_size": 8, "warmup_steps": 1, "lr": 1e-9, "checkpoint_every": 0,
-                   **({"recalibrate": True} if recalibrate else {})}
-        make_distiller(options, steps=3).distill(Teacher(make_trained_tiny(), TINY_SPEC), student, None,
-                                                 toolchain=chain, progress=False)
+        _three_still_gdfq_steps(chain, student, **({"recalibrate": True} if recalibrate else {}))
         after = act_ranges(student)
         assert after.keys() == calibrated.keys() and after
         moved[recalibrate] = max(max(abs(lo1 - lo0), abs(hi1 - hi0)) for (lo0, hi0), (lo1, hi1)
