@@ -2,9 +2,12 @@
 declared options before any work, strings are coerced by declared type, errors name the key."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from dfq_plugins import plugins
+from dfq_plugins.api import make_distiller
 from dfq_plugins.cli import build_parser, main
 from dfq_plugins.cli.common import settings as _settings
 
@@ -84,11 +87,29 @@ def test_the_cli_refuses_bad_values_before_any_work(no_work, capsys, argv, messa
 
 
 def test_a_budget_inside_the_warm_up_is_refused_before_any_work(no_work, capsys):
-    """adadfq with 30 steps against its 100-step warm-up would make zero student updates."""
+    """adadfq with 30 steps against its 100-step warm-up would make zero student updates. The advice is
+    more steps, not a shorter warm-up: the warm-up trains the generator (30 steps with a 6-step warm-up
+    took ResNet-20 W4A4 from 79.83% to 20.49%)."""
     assert main(["quantize", "--distill", "adadfq", "--steps", "30"]) == 2
     err = capsys.readouterr().err
     assert "30 steps with a 100-step warm-up would never update the student" in err
-    assert "--distill-set adadfq.warmup_steps=6" in err
+    assert "give at least --steps 200" in err and "warmup_steps=" not in err
+
+
+def test_a_loop_without_a_generator_may_shorten_its_warm_up(no_work, capsys):
+    assert main(["quantize", "--distill", "kd", "--steps", "30", "--distill-set", "kd.warmup_steps=40"]) == 2
+    assert "--distill-set kd.warmup_steps=6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gdfq", "adadfq", "causal"])
+def test_an_online_loop_with_few_student_steps_warns(name):
+    """24 student steps of adadfq took ResNet-20 W4A4 from 79.83% to 20.49%; 100 took it to 84.12%."""
+    with pytest.warns(UserWarning, match=r"only 50 student steps after the 100-step warm-up.*at least --steps 200"):
+        make_distiller(name, steps=150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_distiller(name, steps=200)
+        make_distiller("kd", steps=5)  # no generator to warm up: the warning is the online loops'
 
 
 def test_export_still_happens_when_the_test_images_are_missing(tmp_path, capsys):
