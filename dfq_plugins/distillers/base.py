@@ -100,7 +100,8 @@ class Distiller:
                 fix = (f"give at least --steps {self.warmup_steps + self.short_budget_steps} (the warm-up trains the "
                        "generator the student then learns from)")
             else:
-                fix = f"give more steps, or a shorter warm-up, e.g. --distill-set {self.name}.warmup_steps={self.steps // 5}"
+                fix = (f"give more steps, or a shorter warm-up, e.g. --distill-set "
+                       f"{self.name}.warmup_steps={self.steps // 5}")
             raise ValueError(f"{self.name}: {self.steps} steps with a {self.warmup_steps}-step warm-up would never "
                              f"update the student (it trains only after the warm-up); {fix}")
         if self.steps - self.warmup_steps < self.short_budget_steps:
